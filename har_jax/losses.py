@@ -1,0 +1,261 @@
+"""Losses of HAR / ELF: per-example base losses, class weights, exit masks, har_loss.
+
+Every function is a pure function of arrays that works under ``jax.jit``,
+``jax.grad`` and ``jax.vmap``. Shapes use E exits (shallow to deep, the last one
+being the backbone's own classifier), B examples and C classes.
+
+Arguments that change during a run (``threshold``, ``class_weights``,
+``logit_scale``) may be traced arrays, so one compiled train step serves every
+threshold and the switch to deferred re-weighting (DRW). Shape errors are raised
+at trace time, before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ArrayLike = Union[jax.Array, np.ndarray, Sequence[float]]
+LossFn = Callable[[Array, Array], Array]
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+  """Softmax cross-entropy per example, ``-log softmax(logits)[label]``.
+
+  Args:
+    logits: ``[..., C]`` unnormalised scores (computed in at least float32).
+    labels: ``[...]`` integer class indices in ``[0, C)``.
+
+  Returns:
+    ``[...]`` float32 loss of each example.
+  """
+  _check_labels_match(logits, labels)
+  log_probs = jax.nn.log_softmax(_at_least_float32(logits), axis=-1)
+  return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+
+
+def focal(logits: Array, labels: Array, *, gamma: float) -> Array:
+  """Focal loss per example, ``(1 - exp(-ce))**gamma * ce`` (Lin et al. 2017).
+
+  This is the form used by the LDAM-DRW reference, where ``exp(-ce)`` is the
+  probability of the true class. ``gamma = 0`` is exactly cross-entropy.
+
+  Args:
+    logits: ``[..., C]`` unnormalised scores.
+    labels: ``[...]`` integer class indices.
+    gamma: focusing parameter, ``>= 0``.
+
+  Returns:
+    ``[...]`` float32 loss of each example.
+  """
+  ce = cross_entropy(logits, labels)
+  if isinstance(gamma, (int, float)):
+    if gamma < 0:
+      raise ValueError(f"focal: gamma must be >= 0, got {gamma}.")
+    if gamma == 0:
+      # (1 - p)**0 has an undefined gradient where p == 1; the loss is plain CE.
+      return ce
+  # -expm1(-ce) is 1 - p without the cancellation of 1 - exp(-ce) when ce is small.
+  return (-jnp.expm1(-ce)) ** gamma * ce
+
+
+def ldam(logits: Array, labels: Array, *, margins: ArrayLike,
+         scale: float = 30.0) -> Array:
+  """Label-distribution-aware margin loss per example (Cao et al. 2019).
+
+  ``ce(scale * (logits - margins[label] * onehot(label)), label)``: the true
+  class's logit is lowered by its class margin before the scaled softmax.
+
+  Args:
+    logits: ``[..., C]`` scores, typically cosine similarities from a normed head.
+    labels: ``[...]`` integer class indices.
+    margins: ``[C]`` per-class margins, see :func:`ldam_margins`.
+    scale: the logit scale ``s`` (30 in LDAM-DRW).
+
+  Returns:
+    ``[...]`` float32 loss of each example.
+  """
+  margins = jnp.asarray(margins, dtype=jnp.float32)
+  num_classes = logits.shape[-1]
+  if margins.shape != (num_classes,):
+    raise ValueError(
+        f"ldam: margins must have shape [C] = ({num_classes},) to match the "
+        f"logits {logits.shape}; got {margins.shape}.")
+  logits = _at_least_float32(logits)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+  shifted = logits - margins[labels][..., None] * onehot
+  return cross_entropy(scale * shifted, labels)
+
+
+def ldam_margins(class_counts: ArrayLike, max_margin: float = 0.5) -> Array:
+  """LDAM margins ``m_j ∝ n_j**(-1/4)``, scaled so that the largest is ``max_margin``.
+
+  Args:
+    class_counts: ``[C]`` number of training examples of each class (host values).
+    max_margin: margin of the rarest class.
+
+  Returns:
+    ``[C]`` float32 margins.
+  """
+  counts = _positive_counts(class_counts, "ldam_margins")
+  margins = counts ** -0.25
+  return jnp.asarray(margins * (max_margin / margins.max()), dtype=jnp.float32)
+
+
+def class_balanced_weights(class_counts: ArrayLike, beta: float = 0.9999) -> Array:
+  """Class-balanced weights from the "effective number" of examples (Cui et al. 2019).
+
+  ``w_j = (1 - beta) / (1 - beta**n_j)``, normalised to sum to C.
+
+  Args:
+    class_counts: ``[C]`` number of training examples of each class (host values).
+    beta: in ``[0, 1)``; 0 gives uniform weights, values near 1 approach
+      inverse class frequency.
+
+  Returns:
+    ``[C]`` float32 weights that sum to C.
+  """
+  counts = _positive_counts(class_counts, "class_balanced_weights")
+  if not 0.0 <= beta < 1.0:
+    raise ValueError(f"class_balanced_weights: beta must be in [0, 1), got {beta}.")
+  weights = (1.0 - beta) / (1.0 - np.power(beta, counts))
+  weights = weights / weights.sum() * len(counts)
+  return jnp.asarray(weights, dtype=jnp.float32)
+
+
+def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
+               logit_scale: ArrayLike = 1.0) -> Tuple[Array, Array]:
+  """Where each example exits during training, and which exits it trains.
+
+  Exit ``i`` qualifies for example ``b`` when it classifies ``b`` correctly and
+  confidently: ``argmax z[i, b] == y[b]`` and ``softmax(s * z[i, b])[y[b]] > t``.
+  The example exits at the first qualifying exit, or at the last exit when none
+  qualifies, and contributes loss to every exit up to and including that one.
+
+  A threshold of 1 or more never qualifies, which gives every example every
+  exit (plain deep supervision).
+
+  Args:
+    exit_logits: ``[E, B, C]`` logits of every exit, shallow to deep.
+    labels: ``[B]`` integer class indices.
+    threshold: scalar confidence threshold ``t`` (may be traced).
+    logit_scale: scalar ``s`` applied before the softmax: 1 for CE and focal,
+      the LDAM scale for cosine heads. No margin is applied.
+
+  Returns:
+    ``(masks, exit_index)``: ``masks`` ``[E, B]`` float32 with
+    ``masks[i, b] = 1`` iff ``i <= exit_index[b]``, and ``exit_index`` ``[B]``
+    int32. Neither carries a gradient.
+  """
+  _check_exit_inputs(exit_logits, labels)
+  num_exits = exit_logits.shape[0]
+  logits = jax.lax.stop_gradient(_at_least_float32(exit_logits))
+  log_probs = jax.nn.log_softmax(logit_scale * logits, axis=-1)
+  label_index = jnp.broadcast_to(labels, logits.shape[:2])[..., None]
+  confidence = jnp.exp(jnp.take_along_axis(log_probs, label_index, axis=-1)[..., 0])
+  correct = jnp.argmax(logits, axis=-1) == labels[None, :]
+  qualifies = correct & (confidence > threshold)
+  # The last exit always takes whoever is left.
+  qualifies = qualifies.at[-1].set(True)
+  exit_index = jnp.argmax(qualifies, axis=0).astype(jnp.int32)  # first True
+  masks = (jnp.arange(num_exits)[:, None] <= exit_index[None, :]).astype(jnp.float32)
+  return jax.lax.stop_gradient(masks), jax.lax.stop_gradient(exit_index)
+
+
+def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
+             loss_fn: LossFn = cross_entropy,
+             class_weights: Optional[ArrayLike] = None,
+             where: Optional[Array] = None,
+             logit_scale: ArrayLike = 1.0) -> Array:
+  """Hardness-aware re-weighted loss over all exits, as a weighted mean.
+
+  ``L = sum_b v[b] w[y[b]] sum_i m[i,b] l(z[i,b], y[b]) / sum_b v[b] w[y[b]]``
+
+  with masks ``m`` from :func:`exit_masks`, class weights ``w`` (ones when
+  None) and validity ``v`` (``where``; ones when None). With one exit this is
+  exactly PyTorch's weighted-mean ``F.cross_entropy(..., weight=w)`` (or the
+  LDAM loss, with ``loss_fn=partial(ldam, margins=m)``). With no valid
+  example the loss is 0.
+
+  Args:
+    exit_logits: ``[E, B, C]`` logits of every exit, shallow to deep.
+    labels: ``[B]`` integer class indices.
+    threshold: scalar exit confidence threshold (may be traced); ``>= 1``
+      turns HAR off (every exit trains on every example).
+    loss_fn: per-example base loss ``(logits [B, C], labels [B]) -> [B]``,
+      e.g. ``functools.partial(ldam, margins=m)``.
+    class_weights: optional ``[C]`` per-class weights (may be traced, e.g. the
+      DRW weights switched on by the step).
+    where: optional ``[B]`` validity mask (bool or 0/1) for padded examples.
+    logit_scale: scale of the confidence softmax, see :func:`exit_masks`.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  _check_exit_inputs(exit_logits, labels, class_weights=class_weights, where=where)
+  masks, _ = exit_masks(exit_logits, labels, threshold=threshold,
+                        logit_scale=logit_scale)
+  per_exit_loss = jax.vmap(loss_fn, in_axes=(0, None))(exit_logits, labels)  # [E, B]
+  example_weight = jnp.ones(labels.shape, jnp.float32)
+  if class_weights is not None:
+    example_weight = jnp.asarray(class_weights, jnp.float32)[labels]
+  if where is not None:
+    example_weight = example_weight * jnp.asarray(where, jnp.float32)
+  per_example = jnp.sum(masks * per_exit_loss, axis=0)
+  total_weight = jnp.sum(example_weight)
+  safe_total = jnp.where(total_weight > 0, total_weight, 1.0)
+  return jnp.sum(example_weight * per_example) / safe_total
+
+
+def _at_least_float32(x: Array) -> Array:
+  # Softmax of bfloat16 logits loses the small probabilities the loss depends on.
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _positive_counts(class_counts: ArrayLike, caller: str) -> np.ndarray:
+  counts = np.asarray(class_counts, dtype=np.float64)
+  if counts.ndim != 1 or counts.size == 0:
+    raise ValueError(f"{caller}: class_counts must be a non-empty [C] vector, "
+                     f"got shape {counts.shape}.")
+  empty = np.flatnonzero(counts <= 0)
+  if empty.size:
+    raise ValueError(f"{caller}: class {int(empty[0])} has {counts[empty[0]]:g} "
+                     "training examples; every class needs at least one.")
+  return counts
+
+
+def _check_labels_match(logits: Array, labels: Array) -> None:
+  if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class indices, got dtype "
+                     f"{jnp.asarray(labels).dtype}.")
+  if jnp.shape(logits)[:-1] != jnp.shape(labels):
+    raise ValueError(f"labels shape {jnp.shape(labels)} must equal the logits' "
+                     f"leading shape {jnp.shape(logits)[:-1]} (logits {jnp.shape(logits)}).")
+
+
+def _check_exit_inputs(exit_logits: Array, labels: Array, *,
+                       class_weights: Optional[ArrayLike] = None,
+                       where: Optional[Array] = None) -> None:
+  shape = jnp.shape(exit_logits)
+  if len(shape) != 3:
+    raise ValueError(
+        f"exit_logits must have rank 3, [E, B, C] (exits, batch, classes); got "
+        f"shape {shape}. For a single exit pass logits[None].")
+  _, batch, num_classes = shape
+  if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class indices, got dtype "
+                     f"{jnp.asarray(labels).dtype}.")
+  if jnp.shape(labels) != (batch,):
+    raise ValueError(f"labels must have shape [B] = ({batch},) to match "
+                     f"exit_logits {shape}; got {jnp.shape(labels)}.")
+  if class_weights is not None and jnp.shape(class_weights) != (num_classes,):
+    raise ValueError(f"class_weights must have shape [C] = ({num_classes},) to "
+                     f"match exit_logits {shape}; got {jnp.shape(class_weights)}.")
+  if where is not None and jnp.shape(where) != (batch,):
+    raise ValueError(f"where must have shape [B] = ({batch},) to match "
+                     f"exit_logits {shape}; got {jnp.shape(where)}.")

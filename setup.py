@@ -1,0 +1,41 @@
+"""har_jax: HAR / ELF early-exit training for long-tailed classification in JAX."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+setuptools.setup(
+    name="har_jax",
+    version="0.1.0",
+    description=("Hardness-aware re-weighting with early exits (HAR / ELF) for "
+                 "long-tailed image classification in JAX and Flax."),
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=setuptools.find_packages(include=["har_jax", "har_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # The core: losses, models, the train step.
+        "jax>=0.5.0,<0.11",
+        "flax>=0.10.2,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "numpy>=1.26",
+        # The trainer: configs, metrics and TensorBoard logs, data.
+        "ml_collections>=1.0.0",
+        "clu>=0.0.12",
+        "absl-py>=2.1",
+        "tensorflow-datasets>=4.9.7,<5",
+        # clu's TensorBoard writer and tfds preparation need TensorFlow; the CPU
+        # build avoids pulling CUDA libraries that JAX brings by itself.
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorboard>=2.18",
+        # The offline default data set (handwritten digits shipped in the wheel).
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+)

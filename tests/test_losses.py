@@ -1,0 +1,358 @@
+"""har_jax.losses against straightforward NumPy references written here."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from har_jax import losses
+
+RTOL = 1e-5
+ATOL = 1e-5
+
+
+# ---------------------------------------------------------------- references
+def ref_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  shifted = z - z.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def ref_ce(z, y):
+  lp = ref_log_softmax(z)
+  return np.array([-lp[b, y[b]] for b in range(len(y))])
+
+
+def ref_focal(z, y, gamma):
+  ce = ref_ce(z, y)
+  p = np.exp(-ce)
+  return (1 - p) ** gamma * ce
+
+
+def ref_ldam(z, y, margins, scale):
+  z = np.array(z, np.float64)
+  for b in range(len(y)):
+    z[b, y[b]] -= margins[y[b]]
+  return ref_ce(scale * z, y)
+
+
+def ref_exit_index(exit_logits, y, threshold, scale=1.0):
+  num_exits, batch, _ = exit_logits.shape
+  index = []
+  for b in range(batch):
+    chosen = num_exits - 1
+    for i in range(num_exits):
+      p = np.exp(ref_log_softmax(scale * exit_logits[i, b]))
+      if np.argmax(exit_logits[i, b]) == y[b] and p[y[b]] > threshold:
+        chosen = i
+        break
+    index.append(chosen)
+  return np.array(index)
+
+
+def ref_har_loss(exit_logits, y, threshold, base=ref_ce, weights=None,
+                 valid=None, scale=1.0):
+  num_exits, batch, num_classes = exit_logits.shape
+  weights = np.ones(num_classes) if weights is None else np.asarray(weights)
+  valid = np.ones(batch) if valid is None else np.asarray(valid, np.float64)
+  k = ref_exit_index(exit_logits, y, threshold, scale)
+  per_exit = np.stack([base(exit_logits[i], y) for i in range(num_exits)])
+  numerator = denominator = 0.0
+  for b in range(batch):
+    w = valid[b] * weights[y[b]]
+    numerator += w * sum(per_exit[i, b] for i in range(k[b] + 1))
+    denominator += w
+  return numerator / denominator
+
+
+def ref_har_ce_grad(exit_logits, y, threshold, weights):
+  """d L / d z for CE with the masks held fixed."""
+  num_exits, batch, num_classes = exit_logits.shape
+  k = ref_exit_index(exit_logits, y, threshold)
+  total = sum(weights[y[b]] for b in range(batch))
+  grad = np.zeros_like(exit_logits, dtype=np.float64)
+  for i in range(num_exits):
+    p = np.exp(ref_log_softmax(exit_logits[i]))
+    for b in range(batch):
+      if i <= k[b]:
+        onehot = np.eye(num_classes)[y[b]]
+        grad[i, b] = weights[y[b]] * (p[b] - onehot) / total
+  return grad
+
+
+def random_problem(seed, num_exits=3, batch=16, num_classes=5, spread=3.0):
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(num_exits, batch, num_classes)).astype(np.float32) * spread
+  y = rng.integers(0, num_classes, size=batch).astype(np.int32)
+  return z, y
+
+
+def constructed_exits(num_exits=4, num_classes=6, per_target=3):
+  """Examples built to exit at each exit in turn, plus ones that never qualify."""
+  rng = np.random.default_rng(0)
+  rows_z, rows_y, targets = [], [], []
+  for target in list(range(num_exits)) + [None]:
+    for _ in range(per_target):
+      label = int(rng.integers(num_classes))
+      wrong = (label + 1) % num_classes
+      z = rng.normal(size=(num_exits, num_classes)) * 0.1
+      for i in range(num_exits):
+        if target is None or i < target:
+          # Either wrong, or right but unconfident: neither qualifies.
+          if i % 2 == 0:
+            z[i, wrong] += 5.0
+          else:
+            z[i, label] += 0.3
+        else:
+          z[i, label] += 8.0  # right and confident: exit here (or later)
+      rows_z.append(z)
+      rows_y.append(label)
+      targets.append(num_exits - 1 if target is None else target)
+  exit_logits = np.stack(rows_z, axis=1).astype(np.float32)
+  return exit_logits, np.array(rows_y, np.int32), np.array(targets)
+
+
+# ---------------------------------------------------------------- base losses
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_entropy_matches_reference(seed):
+  z, y = random_problem(seed, num_exits=1)
+  np.testing.assert_allclose(losses.cross_entropy(z[0], y), ref_ce(z[0], y),
+                             rtol=RTOL, atol=ATOL)
+
+
+def test_cross_entropy_handles_leading_axes_and_bfloat16():
+  z, y = random_problem(3)
+  labels = np.broadcast_to(y, z.shape[:2])
+  got = losses.cross_entropy(jnp.asarray(z, jnp.bfloat16), labels)
+  assert got.dtype == jnp.float32
+  want = np.stack([ref_ce(np.asarray(jnp.asarray(z[i], jnp.bfloat16), np.float32), y)
+                   for i in range(z.shape[0])])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_focal_matches_reference(gamma):
+  z, y = random_problem(4, num_exits=1)
+  np.testing.assert_allclose(losses.focal(z[0], y, gamma=gamma),
+                             ref_focal(z[0], y, gamma), rtol=RTOL, atol=ATOL)
+
+
+def test_focal_gradient_matches_finite_differences_of_reference():
+  z, y = random_problem(5, num_exits=1, batch=4, num_classes=3)
+  z = z[0].astype(np.float64)
+  grad = jax.grad(lambda logits: jnp.sum(losses.focal(logits, y, gamma=2.0)))(
+      z.astype(np.float32))
+  step = 1e-6
+  numeric = np.zeros_like(z)
+  for index in np.ndindex(z.shape):
+    up, down = z.copy(), z.copy()
+    up[index] += step
+    down[index] -= step
+    numeric[index] = (ref_focal(up, y, 2.0).sum() - ref_focal(down, y, 2.0).sum()) / (2 * step)
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
+
+
+def test_focal_rejects_negative_gamma():
+  z, y = random_problem(0, num_exits=1)
+  with pytest.raises(ValueError, match="gamma"):
+    losses.focal(z[0], y, gamma=-1.0)
+
+
+def test_ldam_matches_reference():
+  z, y = random_problem(6, num_exits=1)
+  z = np.tanh(z)  # cosine-like logits
+  counts = [500, 300, 120, 40, 7]
+  margins = losses.ldam_margins(counts)
+  np.testing.assert_allclose(
+      losses.ldam(z[0], y, margins=margins, scale=30.0),
+      ref_ldam(z[0], y, np.asarray(margins), 30.0), rtol=1e-4, atol=1e-4)
+
+
+def test_ldam_margins_formula():
+  counts = [1000, 100, 10, 1]
+  want = np.array([1000 ** -0.25, 100 ** -0.25, 10 ** -0.25, 1.0]) * 0.5
+  np.testing.assert_allclose(losses.ldam_margins(counts), want, rtol=1e-6)
+  np.testing.assert_allclose(losses.ldam_margins(counts, max_margin=1.0), 2 * want,
+                             rtol=1e-6)
+
+
+def test_class_balanced_weights_formula():
+  counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+  beta = 0.9999
+  raw = [(1 - beta) / (1 - beta ** n) for n in counts]
+  want = np.array(raw) / sum(raw) * len(counts)
+  got = losses.class_balanced_weights(counts, beta=beta)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert abs(float(got.sum()) - 10.0) < 1e-4
+  assert np.all(np.diff(np.asarray(got)) > 0), "rarer classes must weigh more"
+
+
+@pytest.mark.parametrize("fn", [losses.ldam_margins, losses.class_balanced_weights])
+def test_counts_with_an_empty_class_are_rejected(fn):
+  with pytest.raises(ValueError, match="class 2"):
+    fn([10, 5, 0])
+
+
+# ---------------------------------------------------------------- exit masks
+def test_exit_masks_on_constructed_cases():
+  z, y, targets = constructed_exits()
+  masks, index = losses.exit_masks(z, y, threshold=0.9)
+  np.testing.assert_array_equal(index, targets)
+  assert set(targets.tolist()) == set(range(z.shape[0])), "every exit is exercised"
+  want = (np.arange(z.shape[0])[:, None] <= targets[None, :]).astype(np.float32)
+  np.testing.assert_array_equal(masks, want)
+  assert masks.dtype == jnp.float32 and index.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("threshold,scale", [(0.3, 1.0), (0.6, 1.0), (0.95, 30.0)])
+def test_exit_masks_match_reference_on_random_logits(threshold, scale):
+  z, y = random_problem(7, num_exits=4, batch=64)
+  z = z / 3.0 if scale > 1 else z
+  _, index = losses.exit_masks(z, y, threshold=threshold, logit_scale=scale)
+  np.testing.assert_array_equal(index, ref_exit_index(z, y, threshold, scale))
+
+
+def test_threshold_of_one_trains_every_exit_on_every_example():
+  z, y, _ = constructed_exits()
+  masks, index = losses.exit_masks(z, y, threshold=1.0)
+  assert np.all(np.asarray(masks) == 1.0)
+  assert np.all(np.asarray(index) == z.shape[0] - 1)
+
+
+# ---------------------------------------------------------------- har_loss
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_har_loss_matches_reference(seed):
+  z, y = random_problem(seed, num_exits=3, batch=32)
+  weights = np.random.default_rng(seed).uniform(0.2, 3.0, size=z.shape[-1])
+  valid = np.random.default_rng(seed + 10).integers(0, 2, size=len(y))
+  got = losses.har_loss(z, y, threshold=0.5, class_weights=weights, where=valid)
+  want = ref_har_loss(z, y, 0.5, weights=weights, valid=valid)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_har_loss_on_constructed_exits_with_ldam_and_focal():
+  z, y, _ = constructed_exits()
+  z = np.tanh(z / 4.0)
+  counts = [50, 40, 30, 20, 10, 5]
+  margins = np.asarray(losses.ldam_margins(counts))
+  got = losses.har_loss(z, y, threshold=0.8, logit_scale=30.0,
+                        loss_fn=functools.partial(losses.ldam, margins=margins))
+  want = ref_har_loss(z, y, 0.8, scale=30.0,
+                      base=lambda zz, yy: ref_ldam(zz, yy, margins, 30.0))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  got = losses.har_loss(z, y, threshold=0.3,
+                        loss_fn=functools.partial(losses.focal, gamma=2.0))
+  want = ref_har_loss(z, y, 0.3, base=lambda zz, yy: ref_focal(zz, yy, 2.0))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_single_exit_is_pytorch_weighted_mean_cross_entropy():
+  z, y = random_problem(8, num_exits=1, batch=40, num_classes=10)
+  weights = np.asarray(losses.class_balanced_weights(
+      [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]))
+  # torch.nn.functional.cross_entropy(z, y, weight=w): sum_b w_yb ce_b / sum_b w_yb.
+  ce = ref_ce(z[0], y)
+  want = np.sum(weights[y] * ce) / np.sum(weights[y])
+  for threshold in (0.0, 0.5, 1.0):  # one exit: the threshold cannot matter
+    got = losses.har_loss(z, y, threshold=threshold, class_weights=weights)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
+def test_single_exit_is_ldam_drw_loss():
+  z, y = random_problem(9, num_exits=1, batch=40, num_classes=10)
+  z = np.tanh(z)
+  counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+  margins = np.asarray(losses.ldam_margins(counts))
+  weights = np.asarray(losses.class_balanced_weights(counts))
+  per_example = ref_ldam(z[0], y, margins, 30.0)
+  want = np.sum(weights[y] * per_example) / np.sum(weights[y])
+  got = losses.har_loss(z, y, threshold=0.9, class_weights=weights, logit_scale=30.0,
+                        loss_fn=functools.partial(losses.ldam, margins=margins))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_threshold_of_one_is_deep_supervision():
+  z, y = random_problem(10, num_exits=3)
+  want = sum(ref_ce(z[i], y).mean() for i in range(3))
+  np.testing.assert_allclose(losses.har_loss(z, y, threshold=1.0), want, rtol=RTOL)
+
+
+def test_no_valid_example_gives_zero_loss_and_finite_gradient():
+  z, y = random_problem(11)
+  valid = np.zeros(len(y), bool)
+  loss, grad = jax.value_and_grad(
+      lambda logits: losses.har_loss(logits, y, threshold=0.5, where=valid))(z)
+  assert float(loss) == 0.0
+  assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad) == 0.0)
+
+
+def test_gradient_matches_analytic_and_flows_not_through_masks():
+  z, y = random_problem(12, num_exits=3, batch=24)
+  weights = np.random.default_rng(0).uniform(0.5, 2.0, size=z.shape[-1])
+  grad = jax.grad(lambda logits: losses.har_loss(
+      logits, y, threshold=0.4, class_weights=weights))(z)
+  np.testing.assert_allclose(grad, ref_har_ce_grad(z, y, 0.4, weights),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_masks_carry_no_gradient():
+  z, y = random_problem(13)
+  jacobian = jax.jacobian(lambda logits: losses.exit_masks(
+      logits, y, threshold=0.5)[0])(z)
+  assert np.all(np.asarray(jacobian) == 0.0)
+
+
+def test_one_compilation_serves_every_threshold_and_weight_vector():
+  z, y = random_problem(14, num_exits=3, batch=32)
+  traces = []
+
+  @jax.jit
+  def step(logits, threshold, weights):
+    traces.append(1)
+    return losses.har_loss(logits, y, threshold=threshold, class_weights=weights)
+
+  ones = np.ones(z.shape[-1], np.float32)
+  drw = np.asarray(losses.class_balanced_weights([100, 50, 20, 10, 3]))
+  for threshold, weights in [(0.2, ones), (0.7, ones), (0.7, drw), (1.0, drw)]:
+    got = step(z, jnp.float32(threshold), weights)
+    np.testing.assert_allclose(got, ref_har_loss(z, y, threshold, weights=weights),
+                               rtol=RTOL, atol=ATOL)
+  assert len(traces) == 1, f"traced {len(traces)} times"
+
+
+def test_vmap_over_independent_batches():
+  z, y = random_problem(15, num_exits=3, batch=8)
+  z2, y2 = random_problem(16, num_exits=3, batch=8)
+  stacked = jax.vmap(lambda zz, yy: losses.har_loss(zz, yy, threshold=0.5))(
+      np.stack([z, z2]), np.stack([y, y2]))
+  want = [ref_har_loss(z, y, 0.5), ref_har_loss(z2, y2, 0.5)]
+  np.testing.assert_allclose(stacked, want, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------- bad input
+def test_rank_two_logits_are_rejected_at_trace_time():
+  z, y = random_problem(0)
+  with pytest.raises(ValueError, match="rank 3"):
+    jax.jit(lambda logits: losses.har_loss(logits, y, threshold=0.5))(z[0])
+
+
+def test_label_batch_mismatch_is_rejected():
+  z, y = random_problem(0)
+  with pytest.raises(ValueError, match=r"labels must have shape \[B\] = \(16,\)"):
+    losses.har_loss(z, y[:-1], threshold=0.5)
+  with pytest.raises(ValueError, match="labels"):
+    losses.exit_masks(z, y[:-1], threshold=0.5)
+
+
+def test_class_weights_of_wrong_length_are_rejected():
+  z, y = random_problem(0)
+  with pytest.raises(ValueError, match=r"class_weights must have shape \[C\] = \(5,\)"):
+    losses.har_loss(z, y, threshold=0.5, class_weights=np.ones(4))
+
+
+def test_float_labels_are_rejected():
+  z, y = random_problem(0)
+  with pytest.raises(ValueError, match="integer"):
+    losses.har_loss(z, y.astype(np.float32), threshold=0.5)
