@@ -1,0 +1,155 @@
+"""Every configuration field, its default, and the checks run when a run starts.
+
+Experiment files under ``configs/`` start from :func:`base_config` and change
+what their setting needs, so every experiment understands every field and a
+misspelt ``--config.FIELD`` is refused by the flag parser.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from har_jax import models
+
+DATASETS = ("digits",)
+LOSSES = ("ce", "focal", "ldam")
+HEADS = ("auto", "linear", "normed")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCHEDULES = ("step", "cosine")
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message says what to change."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields, with the CIFAR-LT recipe of LDAM-DRW as defaults."""
+  config = ml_collections.ConfigDict()
+  # Data.
+  config.dataset = "digits"
+  config.imbalance_factor = 100.0   # n_max / n_min of the long-tailed train split
+  config.data_dir = ""              # tfds data_dir; empty: tfds's default
+  config.augment_pad = 4            # pixels of zero padding before the random crop
+  config.augment_flip = True        # random horizontal flips
+  config.shot_many = 100            # many-shot: more than this many train images
+  config.shot_few = 20              # few-shot: fewer than this many
+  # Model.
+  config.model = "resnet32"
+  config.exits = "CBEBEBE"          # C stem, B stage, E exit (the paper's notation)
+  config.head = "auto"              # linear | normed | auto (normed for LDAM)
+  config.dtype = "float32"          # computation dtype; parameters stay float32
+  # Loss.
+  config.loss = "ce"                # ce | focal | ldam
+  config.focal_gamma = 1.0
+  config.ldam_max_margin = 0.5
+  config.ldam_scale = 30.0
+  config.har = True                 # False: every exit trains on every example
+  config.har_threshold = 0.9        # training exit confidence
+  config.exit_threshold = -1.0      # inference exit confidence; < 0: har_threshold
+  config.drw_start_epoch = 160      # negative: no deferred re-weighting
+  config.drw_beta = 0.9999          # class-balanced "effective number" beta
+  # Optimisation.
+  config.num_epochs = 200
+  config.num_train_steps = -1       # > 0 overrides num_epochs
+  config.batch_size = 128           # global, over every device of every process
+  config.eval_batch_size = 256
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.weight_decay = 2e-4
+  config.schedule = "step"          # step: LDAM-DRW's; cosine
+  config.warmup_epochs = 5
+  config.lr_decay_epochs = (160, 180)
+  config.lr_decay_factor = 0.01     # step schedule: x factor at each decay epoch
+  config.seed = 0
+  # Bookkeeping.
+  config.log_every_steps = 100
+  config.eval_every_epochs = 10     # validation split, where the data set has one
+  config.checkpoint_every_steps = 1000
+  config.max_checkpoints = 3
+  return config
+
+
+def resolved_head(config: ml_collections.ConfigDict) -> str:
+  """The classifier head: ``auto`` means the cosine head for LDAM, linear otherwise."""
+  if config.head == "auto":
+    return "normed" if config.loss == "ldam" else "linear"
+  return config.head
+
+
+def logit_scale(config: ml_collections.ConfigDict) -> float:
+  """The softmax scale of confidences: LDAM's scale for its cosine logits, else 1."""
+  return float(config.ldam_scale) if config.loss == "ldam" else 1.0
+
+
+def inference_threshold(config: ml_collections.ConfigDict) -> float:
+  if config.exit_threshold < 0:
+    return float(config.har_threshold)
+  return float(config.exit_threshold)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The configured multi-exit network (validates model, exits, head and dtype)."""
+  return models.get_model(config.model, num_classes=num_classes, exits=config.exits,
+                          head=resolved_head(config), dtype=DTYPES[config.dtype])
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int,
+             num_processes: int = 1) -> None:
+  """Raises ConfigError with one clear message for the first problem found."""
+  unknown = sorted(set(config.keys()) - set(base_config().keys()))
+  if unknown:
+    raise ConfigError(f"unknown config field(s) {unknown}; the fields are listed in "
+                      "har_jax/config.py:base_config.")
+  _one_of("dataset", config.dataset, DATASETS)
+  _one_of("loss", config.loss, LOSSES)
+  _one_of("head", config.head, HEADS)
+  _one_of("dtype", config.dtype, tuple(DTYPES))
+  _one_of("schedule", config.schedule, SCHEDULES)
+  if not config.imbalance_factor >= 1:
+    raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "
+                      f"smallest), got {config.imbalance_factor}.")
+  try:
+    create_model(config, num_classes=2)
+  except ValueError as error:
+    raise ConfigError(f"model {config.model!r} with exits {config.exits!r}: "
+                      f"{error}") from None
+  if config.loss == "ldam" and resolved_head(config) != "normed":
+    raise ConfigError("loss 'ldam' scales cosine logits by ldam_scale and needs "
+                      "head 'normed' (or 'auto').")
+  for name in ("batch_size", "eval_batch_size"):
+    size = config[name]
+    if size <= 0 or size % num_devices:
+      raise ConfigError(
+          f"{name} {size} must be a positive multiple of the device count "
+          f"({num_devices}), since every device takes an equal share; try "
+          f"{max(num_devices, size - size % num_devices)}.")
+    if size % num_processes:
+      raise ConfigError(f"{name} {size} must be divisible by the number of "
+                        f"processes ({num_processes}).")
+  if config.num_epochs <= 0 and config.num_train_steps <= 0:
+    raise ConfigError("set num_epochs or num_train_steps to a positive number.")
+  if not 0.0 <= config.har_threshold <= 1.0:
+    raise ConfigError(f"har_threshold is a softmax probability in [0, 1], got "
+                      f"{config.har_threshold}.")
+  if config.exit_threshold > 1.0:
+    raise ConfigError(f"exit_threshold is a softmax probability in [0, 1] (or "
+                      f"negative for har_threshold), got {config.exit_threshold}.")
+  if config.shot_few > config.shot_many:
+    raise ConfigError(f"shot_few ({config.shot_few}) must not exceed shot_many "
+                      f"({config.shot_many}).")
+  if not 0.0 <= config.drw_beta < 1.0:
+    raise ConfigError(f"drw_beta must be in [0, 1), got {config.drw_beta}.")
+  if config.learning_rate <= 0:
+    raise ConfigError(f"learning_rate must be positive, got {config.learning_rate}.")
+  for name in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints",
+               "eval_every_epochs"):
+    if config[name] <= 0:
+      raise ConfigError(f"{name} must be positive, got {config[name]}.")
+  if config.augment_pad < 0:
+    raise ConfigError(f"augment_pad must be >= 0, got {config.augment_pad}.")
+
+
+def _one_of(name: str, value: str, allowed: tuple) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}.")

@@ -1,0 +1,99 @@
+"""clu metric collections of training and evaluation, and the evaluation summary.
+
+Per-exit and per-class quantities are vectors, so they use :class:`PerIndexAverage`
+over values laid out ``[B, K]`` (batch first, as clu's masks expect).
+"""
+
+
+from typing import Any, Mapping, Optional, Sequence
+
+from clu import metrics as clu_metrics
+import flax
+import jax.numpy as jnp
+import numpy as np
+
+from har_jax.data.long_tail import SHOT_GROUP_NAMES
+
+
+@flax.struct.dataclass
+class PerIndexAverage(clu_metrics.Metric):
+  """Mean over examples of ``values [B, K]``, kept apart for each index k.
+
+  ``mask`` is ``[B]`` (padding) or ``[B, K]`` (e.g. "example is of class k").
+  An index with no example computes to NaN.
+  """
+
+  total: jnp.ndarray
+  count: jnp.ndarray
+
+  @classmethod
+  def empty(cls) -> "PerIndexAverage":
+    return cls(total=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.float32))
+
+  @classmethod
+  def from_model_output(cls, values: jnp.ndarray, mask: Optional[jnp.ndarray] = None,
+                        **_) -> "PerIndexAverage":
+    values = jnp.asarray(values, jnp.float32)
+    mask = jnp.ones(values.shape, jnp.float32) if mask is None else jnp.asarray(
+        mask, jnp.float32)
+    if mask.ndim == 1:
+      mask = mask[:, None]
+    mask = jnp.broadcast_to(mask, values.shape)
+    return cls(total=jnp.sum(values * mask, axis=0), count=jnp.sum(mask, axis=0))
+
+  def merge(self, other: "PerIndexAverage") -> "PerIndexAverage":
+    return type(self)(total=self.total + other.total, count=self.count + other.count)
+
+  def compute(self) -> jnp.ndarray:
+    return jnp.where(self.count > 0, self.total / jnp.maximum(self.count, 1), jnp.nan)
+
+
+def _per_class(correct, labels_onehot, mask, **_):
+  """Each example counts toward its own class only."""
+  return {"values": jnp.broadcast_to(correct[:, None], labels_onehot.shape),
+          "mask": labels_onehot * mask[:, None]}
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+  exit_fraction: PerIndexAverage.from_output("exit_onehot")   # [B, E]
+  exit_accuracy: PerIndexAverage.from_output("exit_correct")  # [B, E]
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  accuracy: clu_metrics.Average.from_output("correct")              # [B]
+  class_accuracy: PerIndexAverage.from_fun(_per_class)              # [B, C]
+  per_exit_accuracy: PerIndexAverage.from_output("exit_correct")    # [B, E]
+  exit_fraction: PerIndexAverage.from_output("exit_onehot")         # [B, E]
+
+
+def evaluation_summary(computed: Mapping[str, Any], shot_groups: Sequence[int],
+                       exit_flops: Sequence[float], backbone_flops: float) -> dict:
+  """Turns computed EvalMetrics into the numbers a run reports.
+
+  Args:
+    computed: ``EvalMetrics.compute()`` fetched to the host.
+    shot_groups: ``[C]`` MANY / MEDIUM / FEW of each class (``data.shot_groups``).
+    exit_flops: ``[E]`` cumulative MACs per image to reach each exit.
+    backbone_flops: MACs of the plain backbone.
+
+  Returns:
+    ``accuracy``, ``many``, ``medium``, ``few`` (mean per-class accuracy in the
+    group, None for an empty group), ``per_exit_accuracy``, ``exit_fraction``,
+    ``flops_saving``.
+  """
+  class_accuracy = np.asarray(computed["class_accuracy"], np.float64)
+  groups = np.asarray(shot_groups)
+  summary = {"accuracy": float(computed["accuracy"])}
+  for group, name in enumerate(SHOT_GROUP_NAMES):
+    members = class_accuracy[(groups == group) & ~np.isnan(class_accuracy)]
+    summary[name] = float(members.mean()) if members.size else None
+  exit_fraction = np.asarray(computed["exit_fraction"], np.float64)
+  summary["per_exit_accuracy"] = [float(a) for a in computed["per_exit_accuracy"]]
+  summary["exit_fraction"] = [float(f) for f in exit_fraction]
+  spent = float(np.dot(exit_fraction, np.asarray(exit_flops, np.float64)))
+  summary["flops_saving"] = 1.0 - spent / float(backbone_flops)
+  return summary

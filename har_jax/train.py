@@ -1,0 +1,461 @@
+"""Train state, the jitted train and eval steps, and the training loop.
+
+The steps are pure ``(state, batch) -> (state, metrics)`` functions compiled once
+per run: the learning rate, the DRW class weights and the augmentation key are
+all derived from ``state.step`` inside the step. The state is replicated over a
+one-axis mesh and the batch is split over it; the state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from har_jax import checkpoint
+from har_jax import config as config_lib
+from har_jax import early_exit
+from har_jax import losses
+from har_jax import metrics as metrics_lib
+from har_jax import models
+from har_jax import sharding
+from har_jax.data import augment
+from har_jax.data import long_tail
+from har_jax.data import pipeline
+
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15).
+PREEMPTED_EXIT_CODE = 143
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to continue: all arrays, so orbax saves it whole."""
+
+  step: jax.Array         # int32 scalar: number of updates applied
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  key: jax.Array          # uint32 [2]; folded with the step for each step's randomness
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The compiled steps of a run and how often the train step was traced."""
+
+  train: Callable[[TrainState, dict], tuple[TrainState, metrics_lib.TrainMetrics]]
+  evaluate: Callable[[TrainState, dict], metrics_lib.EvalMetrics]
+  train_traces: list
+
+  @property
+  def train_step_compiles(self) -> int:
+    return len(self.train_traces)
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                     total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """The learning rate at a step.
+
+  ``step``: LDAM-DRW's schedule, per epoch: ``lr * (epoch + 1) / warmup`` during
+  the warm-up epochs, then ``lr``, times ``lr_decay_factor`` once for every
+  epoch of ``lr_decay_epochs`` reached (x0.01 at 160 and x0.0001 at 180).
+  ``cosine``: linear warm-up per step, then cosine decay to 0 at the last step.
+  """
+  base = config.learning_rate
+  warmup_epochs = config.warmup_epochs
+  if config.schedule == "step":
+    def schedule(step):
+      epoch = step // steps_per_epoch
+      warm = jnp.minimum(1.0, (epoch + 1) / max(warmup_epochs, 1))
+      decays = sum((epoch >= boundary).astype(jnp.float32)
+                   for boundary in config.lr_decay_epochs)
+      return base * warm * config.lr_decay_factor ** decays
+    return schedule
+
+  warmup_steps = warmup_epochs * steps_per_epoch
+  def schedule(step):
+    warm = (step + 1) / max(warmup_steps, 1)
+    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1),
+                        0.0, 1.0)
+    return jnp.where(step < warmup_steps, base * warm,
+                     base * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+  return schedule
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: Callable) -> optax.GradientTransformation:
+  """SGD with momentum and weight decay on every parameter, as PyTorch's SGD."""
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=config.momentum))
+
+
+def base_loss_fn(config: ml_collections.ConfigDict, class_counts) -> losses.LossFn:
+  """The per-example loss ``(logits [B, C], labels [B]) -> [B]`` of the config."""
+  if config.loss == "focal":
+    return functools.partial(losses.focal, gamma=config.focal_gamma)
+  if config.loss == "ldam":
+    margins = losses.ldam_margins(class_counts, config.ldam_max_margin)
+    return functools.partial(losses.ldam, margins=margins, scale=config.ldam_scale)
+  return losses.cross_entropy
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
+                       tx: optax.GradientTransformation, image_shape: tuple,
+                       mesh: jax.sharding.Mesh, *, abstract: bool = False):
+  """The initial state, created directly in its (replicated) sharding.
+
+  Args:
+    image_shape: ``(H, W, C)`` of one input image.
+    abstract: return only the ``jax.ShapeDtypeStruct`` tree (with shardings),
+      as a restore target for checkpoints.
+  """
+  def init(seed):
+    key = jax.random.PRNGKey(seed)
+    init_key, state_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32),
+                           train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), key=state_key)
+
+  replicated = sharding.replicated(mesh)
+  shapes = jax.eval_shape(init, config.seed)
+  if abstract:
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  out_shardings = jax.tree.map(lambda _: replicated, shapes)
+  return jax.jit(init, static_argnums=0, out_shardings=out_shardings)(config.seed)
+
+
+def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
+               tx: optax.GradientTransformation, data: pipeline.InMemoryData,
+               mesh: jax.sharding.Mesh, steps_per_epoch: int,
+               total_steps: int) -> Steps:
+  """Builds the jitted train and eval steps of a run."""
+  class_counts = data.class_counts
+  num_classes = data.num_classes
+  loss_fn = base_loss_fn(config, class_counts)
+  scale = config_lib.logit_scale(config)
+  # A threshold of 1 never qualifies an exit: every exit trains on everything.
+  har_threshold = config.har_threshold if config.har else 1.0
+  exit_threshold = config_lib.inference_threshold(config)
+  schedule = learning_rate_fn(config, steps_per_epoch, total_steps)
+  drw_weights = losses.class_balanced_weights(class_counts, config.drw_beta)
+  mean, std = data.mean, data.std
+  traces = []
+
+  def class_weights_at(step):
+    if config.drw_start_epoch < 0:
+      return None
+    deferred = step // steps_per_epoch >= config.drw_start_epoch
+    return jnp.where(deferred, drw_weights, jnp.ones_like(drw_weights))
+
+  def train_step(state: TrainState, batch: dict):
+    traces.append(None)  # runs only while tracing
+    key = jax.random.fold_in(state.key, state.step)
+    # Pad with black before normalising, as torchvision's RandomCrop does.
+    images = augment.random_crop_flip(batch["images"].astype(jnp.float32), key,
+                                      pad=config.augment_pad, flip=config.augment_flip)
+    images = augment.normalize(images, mean, std)
+    labels = batch["labels"]
+
+    def objective(params):
+      exit_logits, updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          mutable=["batch_stats"])
+      loss = losses.har_loss(exit_logits, labels, threshold=har_threshold,
+                             loss_fn=loss_fn, class_weights=class_weights_at(state.step),
+                             logit_scale=scale)
+      return loss, (exit_logits, updates["batch_stats"])
+
+    (loss, (exit_logits, batch_stats)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    _, exit_index = losses.exit_masks(exit_logits, labels, threshold=har_threshold,
+                                      logit_scale=scale)
+    num_exits = exit_logits.shape[0]
+    step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
+        loss=loss, learning_rate=schedule(state.step),
+        exit_onehot=jax.nn.one_hot(exit_index, num_exits),
+        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T)
+    return new_state, step_metrics
+
+  def eval_step(state: TrainState, batch: dict):
+    images = augment.normalize(batch["images"], mean, std)
+    exit_logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              images, train=False)
+    labels, mask = batch["labels"], batch["mask"]
+    predictions, exit_index = early_exit.predict(
+        exit_logits, threshold=exit_threshold, logit_scale=scale)
+    return metrics_lib.EvalMetrics.single_from_model_output(
+        correct=predictions == labels, mask=mask,
+        labels_onehot=jax.nn.one_hot(labels, num_classes),
+        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T,
+        exit_onehot=jax.nn.one_hot(exit_index, exit_logits.shape[0]))
+
+  replicated = sharding.replicated(mesh)
+  batched = sharding.batch_sharding(mesh)
+  train = jax.jit(train_step, in_shardings=(replicated, batched),
+                  out_shardings=(replicated, replicated), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(replicated, batched),
+                     out_shardings=replicated)
+  return Steps(train=train, evaluate=evaluate, train_traces=traces)
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the state was checkpointed at ``step``."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}; the checkpoint of step {step} "
+                     "is saved. Run the same command again to resume.")
+    self.step = step
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    return self
+
+  def __exit__(self, *_):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def load_data(config: ml_collections.ConfigDict) -> pipeline.InMemoryData:
+  """The configured data set (only the offline ``digits`` set so far)."""
+  from har_jax.data import digits  # pylint: disable=g-import-not-at-top
+  return digits.load_digits(imbalance_factor=config.imbalance_factor, seed=config.seed)
+
+
+def evaluate(steps: Steps, state: TrainState, dataset: pipeline.ArrayDataset,
+             config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """EvalMetrics over every example of ``dataset`` exactly once, on the host."""
+  merged = None
+  for local in pipeline.eval_batches(dataset, global_batch_size=config.eval_batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    batch_metrics = steps.evaluate(state, sharding.global_batch(local, mesh))
+    merged = batch_metrics if merged is None else merged.merge(batch_metrics)
+  return sharding.to_host(merged).compute()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+  """Trains (resuming from ``workdir`` when it holds checkpoints), evaluates, and
+  writes ``workdir/summary.json``, TensorBoard events and orbax checkpoints.
+
+  Args:
+    config: see ``har_jax/config.py``.
+    workdir: the run's directory.
+    mesh: the devices to use; default every device of every process.
+
+  Returns:
+    The summary (see DESIGN.md for its fields).
+
+  Raises:
+    config.ConfigError: the configuration cannot run.
+    NonFiniteLossError: the loss became NaN or infinite (checkpoints kept).
+    Preempted: SIGTERM arrived; the state was saved first.
+  """
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  data = load_data(config)
+  model = config_lib.create_model(config, data.num_classes)
+  image_shape = data.train.images.shape[1:]
+  steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  schedule = learning_rate_fn(config, steps_per_epoch, total_steps)
+  tx = create_optimizer(config, schedule)
+  steps = make_steps(config, model, tx, data, mesh, steps_per_epoch, total_steps)
+  flops = models.exit_flops(model, image_shape)
+  groups = long_tail.shot_groups(data.class_counts, config.shot_many, config.shot_few)
+
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.max_checkpoints)
+  state, restored_step = checkpointer.restore_latest(
+      create_train_state(config, model, tx, image_shape, mesh, abstract=True))
+  if state is None:
+    state = create_train_state(config, model, tx, image_shape, mesh)
+  else:
+    logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
+  writer = _create_writer(workdir)
+  logging.info("%s: %d train / %d test images, classes %s, %d steps of %d "
+               "(%d per epoch), %d device(s).", config.dataset, len(data.train),
+               len(data.test), list(data.class_counts), total_steps,
+               config.batch_size, steps_per_epoch, jax.device_count())
+  best_path = os.path.join(workdir, "best_validation.json")
+  best = _read_json(best_path)
+
+  start_step = int(sharding.to_host(state.step))
+  last_step_metrics = None
+  window = None
+  timed_from = None  # (step, time) after the first (compiling) step of this process
+  window_start = (start_step, time.time())
+  try:
+    with _SigtermFlag() as sigterm:
+      for step in range(start_step, total_steps):
+        local = pipeline.train_batch(data.train, step=step,
+                                     global_batch_size=config.batch_size,
+                                     seed=config.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+        state, step_metrics = steps.train(state, sharding.global_batch(local, mesh))
+        # Checking the previous step's loss while this one runs keeps the
+        # device busy; a bad loss still stops the run before any save.
+        if last_step_metrics is not None:
+          _check_finite(*last_step_metrics)
+        done = step + 1
+        last_step_metrics = (done, step_metrics)
+        window = step_metrics if window is None else window.merge(step_metrics)
+        if timed_from is None:
+          jax.block_until_ready(state.step)
+          timed_from = window_start = (done, time.time())
+
+        if done % config.log_every_steps == 0 or done == total_steps:
+          _check_finite(*last_step_metrics)
+          _log_progress(writer, window, done, total_steps, steps_per_epoch,
+                        config.batch_size, window_start)
+          window, window_start = None, (done, time.time())
+        if (data.validation is not None
+            and done % (config.eval_every_epochs * steps_per_epoch) == 0):
+          best = _validate(steps, state, data, config, mesh, writer, done, best,
+                           best_path, groups, flops)
+        preempted = (checkpointer.reached_preemption(done) if jax.process_count() > 1
+                     else sigterm.event.is_set())
+        if done % config.checkpoint_every_steps == 0 or done == total_steps or preempted:
+          _check_finite(*last_step_metrics)
+          checkpointer.save(done, state, wait=preempted)
+        if preempted:
+          raise Preempted(done)
+  finally:
+    checkpointer.close()
+
+  jax.block_until_ready(state)
+  elapsed = time.time() - timed_from[1] if timed_from else 0.0
+  timed_steps = total_steps - timed_from[0] if timed_from else 0
+  summary = metrics_lib.evaluation_summary(
+      evaluate(steps, state, data.test, config, mesh), groups, flops.per_exit,
+      flops.backbone)
+  final_loss = (float(sharding.to_host(last_step_metrics[1].loss.compute()))
+                if last_step_metrics else None)
+  summary.update(
+      train_loss=final_loss,
+      train_step_compiles=steps.train_step_compiles,
+      steps=total_steps,
+      images_per_sec=(timed_steps * config.batch_size / elapsed
+                      if timed_steps > 0 and elapsed > 0 else None),
+      exit_threshold=config_lib.inference_threshold(config),
+      exit_flops=list(flops.per_exit),
+      backbone_flops=flops.backbone,
+      class_counts=list(data.class_counts))
+  if best is not None:
+    summary["validation"] = best
+  writer.write_scalars(total_steps, {f"test/{k}": v for k, v in summary.items()
+                                     if isinstance(v, float)})
+  writer.close()
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _check_finite(step: int, step_metrics: metrics_lib.TrainMetrics) -> None:
+  loss = float(sharding.to_host(step_metrics.loss.compute()))
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"the training loss is {loss} at step {step}; the run stops and keeps its "
+        "last good checkpoint. Lower the learning rate or check the data.")
+
+
+def _log_progress(writer, window, done, total_steps, steps_per_epoch, batch_size,
+                  window_start) -> None:
+  computed = sharding.to_host(window).compute()
+  seconds = max(time.time() - window_start[1], 1e-9)
+  steps_per_sec = (done - window_start[0]) / seconds
+  remaining = (total_steps - done) / max(steps_per_sec, 1e-9)
+  logging.info("step %d/%d (epoch %.1f): loss %.4f, lr %.3g, exits %s | %.1f steps/s, "
+               "%.0f images/s, %s left", done, total_steps, done / steps_per_epoch,
+               computed["loss"], computed["learning_rate"],
+               np.round(computed["exit_fraction"], 2).tolist(), steps_per_sec,
+               steps_per_sec * batch_size, _duration(remaining))
+  scalars = {"train/loss": computed["loss"],
+             "train/learning_rate": computed["learning_rate"],
+             "train/steps_per_sec": steps_per_sec}
+  for name in ("exit_fraction", "exit_accuracy"):
+    for index, value in enumerate(computed[name]):
+      scalars[f"train/{name}_{index}"] = value
+  writer.write_scalars(done, scalars)
+
+
+def _validate(steps, state, data, config, mesh, writer, done, best, best_path,
+              groups, flops):
+  """Evaluates the validation split; on a new best, records the test result too."""
+  validation = evaluate(steps, state, data.validation, config, mesh)
+  accuracy = float(validation["accuracy"])
+  logging.info("step %d: validation accuracy %.4f", done, accuracy)
+  writer.write_scalars(done, {"validation/accuracy": accuracy})
+  if best is not None and accuracy <= best["best_accuracy"]:
+    return best
+  # Selection uses the validation split alone; the test numbers only ride along.
+  test = metrics_lib.evaluation_summary(
+      evaluate(steps, state, data.test, config, mesh), groups, flops.per_exit,
+      flops.backbone)
+  best = {"best_accuracy": accuracy, "best_step": done, "test_at_best": test}
+  if jax.process_index() == 0:
+    _write_json(best_path, best)
+  return best
+
+
+def _create_writer(workdir: str):
+  # clu's TensorBoard writer imports TensorFlow; the steps above do not need it.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _read_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+  # Write-then-rename: an interrupted write never leaves half a file.
+  temporary = path + ".tmp"
+  with open(temporary, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(temporary, path)

@@ -1,0 +1,168 @@
+"""The train step, schedules and the loop, in process."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from har_jax import config as config_lib
+from har_jax import losses
+from har_jax import sharding
+from har_jax import train
+from har_jax.data import augment
+from har_jax.data import pipeline
+
+import runs
+
+
+def test_step_schedule_is_ldam_drw():
+  config = runs.default_config()
+  config.update(learning_rate=0.1, warmup_epochs=5, lr_decay_epochs=(160, 180),
+                lr_decay_factor=0.01, schedule="step")
+  schedule = train.learning_rate_fn(config, steps_per_epoch=10, total_steps=2000)
+
+  def reference(epoch):  # LDAM-DRW's adjust_learning_rate, epochs counted from 1
+    epoch += 1
+    if epoch <= 5:
+      return 0.1 * epoch / 5
+    if epoch > 180:
+      return 0.1 * 0.0001
+    if epoch > 160:
+      return 0.1 * 0.01
+    return 0.1
+
+  for step in [0, 9, 10, 45, 50, 1000, 1599, 1600, 1799, 1800, 1999]:
+    np.testing.assert_allclose(schedule(jnp.int32(step)), reference(step // 10),
+                               rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_cosine_schedule_warms_up_and_decays_to_zero():
+  config = runs.default_config()
+  config.update(learning_rate=0.2, warmup_epochs=1, schedule="cosine")
+  schedule = train.learning_rate_fn(config, steps_per_epoch=10, total_steps=110)
+  np.testing.assert_allclose(schedule(jnp.int32(4)), 0.2 * 5 / 10, rtol=1e-6)
+  np.testing.assert_allclose(schedule(jnp.int32(10)), 0.2, rtol=1e-6)
+  np.testing.assert_allclose(schedule(jnp.int32(60)), 0.1, rtol=1e-5)
+  assert float(schedule(jnp.int32(110))) == pytest.approx(0.0, abs=1e-7)
+
+
+def _setup(config, mesh):
+  data = train.load_data(config)
+  model = config_lib.create_model(config, data.num_classes)
+  per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size)
+  schedule = train.learning_rate_fn(config, per_epoch, config.num_train_steps)
+  tx = train.create_optimizer(config, schedule)
+  steps = train.make_steps(config, model, tx, data, mesh, per_epoch,
+                           config.num_train_steps)
+  state = train.create_train_state(config, model, tx, data.train.images.shape[1:], mesh)
+  return data, model, steps, state, per_epoch
+
+
+@pytest.mark.parametrize("loss", ["ce", "ldam"])
+def test_train_step_loss_switches_to_drw_weights_without_recompiling(loss):
+  config = runs.small_config(loss=loss, augment_pad=0, drw_start_epoch=1)
+  mesh = sharding.create_mesh()
+  data, model, steps, state, per_epoch = _setup(config, mesh)
+  local = pipeline.train_batch(data.train, step=0, global_batch_size=config.batch_size,
+                               seed=config.seed)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  images = augment.normalize(local["images"], data.mean, data.std)
+  exit_logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  if loss == "ldam":
+    loss_fn = functools.partial(losses.ldam, margins=losses.ldam_margins(data.class_counts))
+    scale = config.ldam_scale
+  else:
+    loss_fn, scale = losses.cross_entropy, 1.0
+  drw = losses.class_balanced_weights(data.class_counts, config.drw_beta)
+  expected = {
+      step: losses.har_loss(exit_logits, local["labels"], threshold=config.har_threshold,
+                            loss_fn=loss_fn, logit_scale=scale,
+                            class_weights=drw if step >= per_epoch else None)
+      for step in (0, per_epoch)}
+  for step, want in expected.items():
+    # The same parameters at another step: only the schedule-derived values change.
+    # A host copy: the step donates (frees) the buffers of the state it is given.
+    at_step = jax.device_put(sharding.to_host(state.replace(step=jnp.int32(step))),
+                             sharding.replicated(mesh))
+    _, step_metrics = steps.train(at_step, sharding.global_batch(local, mesh))
+    np.testing.assert_allclose(step_metrics.loss.compute(), want, rtol=2e-5,
+                               err_msg=f"loss at step {step}")
+  assert not np.isclose(expected[0], expected[per_epoch]), "DRW changes the loss"
+  assert steps.train_step_compiles == 1
+
+
+def test_one_device_and_eight_devices_agree(tmp_path):
+  assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
+  config = runs.small_config(num_train_steps=14)
+  one = train.train_and_evaluate(config, str(tmp_path / "one"),
+                                 mesh=sharding.create_mesh(jax.devices()[:1]))
+  eight = train.train_and_evaluate(config, str(tmp_path / "eight"))
+  np.testing.assert_allclose(one["train_loss"], eight["train_loss"], rtol=1e-4)
+  assert abs(one["accuracy"] - eight["accuracy"]) <= 1 / 500 + 1e-9
+  np.testing.assert_allclose(one["per_exit_accuracy"], eight["per_exit_accuracy"],
+                             atol=1 / 500 + 1e-9)
+
+
+def test_run_writes_summary_with_every_field(tmp_path):
+  config = runs.small_config()
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "summary.json") as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(summary))
+  for field in ("accuracy", "many", "medium", "few", "per_exit_accuracy", "exit_fraction",
+                "flops_saving", "train_loss", "train_step_compiles", "steps",
+                "images_per_sec", "validation"):
+    assert field in written, field
+  assert written["steps"] == 24 and written["train_step_compiles"] == 1
+  assert len(written["per_exit_accuracy"]) == 3
+  assert abs(sum(written["exit_fraction"]) - 1) < 1e-5
+  assert written["validation"]["best_step"] == 14  # validated every 2 epochs of 7 steps
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+  saved = {int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()}
+  assert saved == {8, 16, 24}
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
+  config = runs.small_config(learning_rate=1e12, warmup_epochs=0,
+                             checkpoint_every_steps=1)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+    train.train_and_evaluate(config, str(tmp_path))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert saved, "the good steps before the blow-up were checkpointed"
+
+
+CORE_WITHOUT_TENSORFLOW = """
+import sys
+
+class BlockTensorFlow:
+  def find_spec(self, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      raise ImportError("TensorFlow is blocked in this test")
+    return None
+
+sys.meta_path.insert(0, BlockTensorFlow())
+import jax, jax.numpy as jnp, numpy as np
+from har_jax import early_exit, losses, models, sharding, train
+from har_jax.data import pipeline
+model = models.resnet8(10, exits="CBEBEBE")
+images = jnp.zeros((2, 8, 8, 1))
+variables = model.init(jax.random.PRNGKey(0), images, train=False)
+logits = model.apply(variables, images, train=False)
+print(float(losses.har_loss(logits, jnp.array([0, 1]), threshold=0.9)))
+print(early_exit.predict(logits, threshold=0.5)[0].shape)
+assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
+print("core ok")
+"""
+
+
+def test_core_imports_and_runs_without_tensorflow():
+  result = subprocess.run([sys.executable, "-c", CORE_WITHOUT_TENSORFLOW],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "core ok" in result.stdout
