@@ -7,6 +7,7 @@ Running the same command in the same workdir resumes from its latest checkpoint.
 """
 
 import json
+import logging as std_logging
 import sys
 
 from absl import app
@@ -45,8 +46,9 @@ def _parse_flags(argv):
 def _quiet_libraries() -> None:
   """Keeps the libraries' INFO chatter (orbax logs every save) out of the progress."""
   def keep(record):
-    return record.levelno >= logging.WARNING or "/har_jax/" in record.pathname
-  logging.get_absl_handler().addFilter(keep)
+    return record.levelno >= std_logging.WARNING or "/har_jax/" in record.pathname
+  # ABSLHandler hands records to its python_handler without applying its own filters.
+  logging.get_absl_handler().python_handler.addFilter(keep)
 
 
 def main(argv):

@@ -403,7 +403,7 @@ def _log_progress(writer, window, done, total_steps, steps_per_epoch, batch_size
   logging.info("step %d/%d (epoch %.1f): loss %.4f, lr %.3g, exits %s | %.1f steps/s, "
                "%.0f images/s, %s left", done, total_steps, done / steps_per_epoch,
                computed["loss"], computed["learning_rate"],
-               np.round(computed["exit_fraction"], 2).tolist(), steps_per_sec,
+               "/".join(f"{f:.2f}" for f in computed["exit_fraction"]), steps_per_sec,
                steps_per_sec * batch_size, _duration(remaining))
   scalars = {"train/loss": computed["loss"],
              "train/learning_rate": computed["learning_rate"],

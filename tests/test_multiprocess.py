@@ -1,0 +1,60 @@
+"""Two processes on loopback (CPU collectives) against one process, same devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+import runs
+
+FLAGS = runs.config_flags(num_train_steps=14, eval_every_epochs=1, drw_start_epoch=1)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, devices, extra=()):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, "-m", "har_jax.main", *FLAGS,
+                           f"--workdir={workdir}", *extra], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process):
+  try:
+    stdout, stderr = process.communicate(timeout=420)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    raise
+  assert process.returncode == 0, stderr[-3000:]
+  return stdout
+
+
+def test_two_processes_agree_with_one(tmp_path):
+  address = f"127.0.0.1:{_free_port()}"
+  two = [_launch(tmp_path / "two", 4, [f"--coordinator_address={address}",
+                                       "--num_processes=2", f"--process_id={index}"])
+         for index in range(2)]
+  one = _launch(tmp_path / "one", 8)
+  outputs = [_finish(process) for process in two]
+  _finish(one)
+  with open(tmp_path / "one" / "summary.json") as f:
+    single = json.load(f)
+  with open(tmp_path / "two" / "summary.json") as f:
+    double = json.load(f)
+  # Both processes report the same global result.
+  assert json.loads(outputs[0].splitlines()[-1])["accuracy"] == double["accuracy"]
+  assert json.loads(outputs[1].splitlines()[-1])["accuracy"] == double["accuracy"]
+  for field in ("accuracy", "many", "medium", "few", "flops_saving", "train_loss"):
+    np.testing.assert_allclose(double[field], single[field], rtol=1e-5, err_msg=field)
+  for field in ("per_exit_accuracy", "exit_fraction"):
+    np.testing.assert_allclose(double[field], single[field], rtol=1e-5, err_msg=field)
+  assert double["validation"]["best_step"] == single["validation"]["best_step"]
+  assert double["train_step_compiles"] == 1
