@@ -29,7 +29,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Data.
   config.dataset = "digits"
   config.imbalance_factor = 100.0   # n_max / n_min of the long-tailed train split
-  config.data_dir = ""              # tfds data_dir; empty: tfds's default
   config.augment_pad = 4            # pixels of zero padding before the random crop
   config.augment_flip = True        # random horizontal flips
   config.shot_many = 100            # many-shot: more than this many train images
@@ -114,9 +113,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   except ValueError as error:
     raise ConfigError(f"model {config.model!r} with exits {config.exits!r}: "
                       f"{error}") from None
-  if config.loss == "ldam" and resolved_head(config) != "normed":
-    raise ConfigError("loss 'ldam' scales cosine logits by ldam_scale and needs "
-                      "head 'normed' (or 'auto').")
+  if (config.loss == "ldam") != (resolved_head(config) == "normed"):
+    raise ConfigError("loss 'ldam' goes with the cosine head 'normed', whose "
+                      "logits it scales by ldam_scale, and 'ce'/'focal' with 'linear'; "
+                      "use head 'auto' to pair them.")
+  if config.focal_gamma < 0:
+    raise ConfigError(f"focal_gamma must be >= 0, got {config.focal_gamma}.")
   for name in ("batch_size", "eval_batch_size"):
     size = config[name]
     if size <= 0 or size % num_devices:

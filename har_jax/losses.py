@@ -205,10 +205,13 @@ def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
     example_weight = jnp.asarray(class_weights, jnp.float32)[labels]
   if where is not None:
     example_weight = example_weight * jnp.asarray(where, jnp.float32)
-  per_example = jnp.sum(masks * per_exit_loss, axis=0)
+  # where, not a product: a masked-off exit or padded row with an infinite
+  # loss must contribute 0, not 0 * inf = NaN.
+  per_example = jnp.sum(jnp.where(masks > 0, per_exit_loss, 0.0), axis=0)
+  weighted = jnp.where(example_weight > 0, example_weight * per_example, 0.0)
   total_weight = jnp.sum(example_weight)
   safe_total = jnp.where(total_weight > 0, total_weight, 1.0)
-  return jnp.sum(example_weight * per_example) / safe_total
+  return jnp.sum(weighted) / safe_total
 
 
 def _at_least_float32(x: Array) -> Array:

@@ -35,10 +35,13 @@ def _usage_error(message: str) -> None:
 
 
 def _parse_flags(argv):
-  # A misspelt --config.FIELD raises AttributeError inside the flag parser.
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+  except (AttributeError, KeyError) as error:
+    # What ml_collections raises for a --config.FIELD the config lacks.
+    _usage_error(f"unknown config field {str(error).strip(chr(34))}; the fields "
+                 "are listed in har_jax/config.py:base_config.")
+  except (flags.Error, TypeError, ValueError) as error:
     _usage_error(f"{str(error).strip(chr(34))} (see --helpfull for the flags; the "
                  "config fields are in har_jax/config.py)")
 
@@ -81,6 +84,8 @@ def main(argv):
   except train.Preempted as preempted:
     logging.warning("%s", preempted)
     sys.exit(train.PREEMPTED_EXIT_CODE)
+  except config_lib.ConfigError as error:
+    _usage_error(str(error))
   except train.NonFiniteLossError as error:
     print(f"har_jax: {error}", file=sys.stderr)
     sys.exit(1)

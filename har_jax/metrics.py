@@ -57,6 +57,7 @@ def _per_class(correct, labels_onehot, mask, **_):
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output("loss")
+  finite: clu_metrics.Average.from_output("finite")  # loss and new parameters
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
   exit_fraction: PerIndexAverage.from_output("exit_onehot")   # [B, E]
   exit_accuracy: PerIndexAverage.from_output("exit_correct")  # [B, E]

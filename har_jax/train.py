@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import threading
@@ -23,7 +22,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from har_jax import checkpoint
@@ -34,6 +32,7 @@ from har_jax import metrics as metrics_lib
 from har_jax import models
 from har_jax import sharding
 from har_jax.data import augment
+from har_jax.data import digits
 from har_jax.data import long_tail
 from har_jax.data import pipeline
 
@@ -188,14 +187,19 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
     (loss, (exit_logits, batch_stats)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
+    # The loss is of the parameters before the update; the loop must also know
+    # whether the state it may checkpoint next is finite.
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves(params):
+      finite &= jnp.all(jnp.isfinite(leaf))
     _, exit_index = losses.exit_masks(exit_logits, labels, threshold=har_threshold,
                                       logit_scale=scale)
     num_exits = exit_logits.shape[0]
     step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
-        loss=loss, learning_rate=schedule(state.step),
+        loss=loss, finite=finite.astype(jnp.float32), learning_rate=schedule(state.step),
         exit_onehot=jax.nn.one_hot(exit_index, num_exits),
         exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T)
     return new_state, step_metrics
@@ -239,7 +243,10 @@ class _SigtermFlag:
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    # In multi-process runs jax.distributed watches SIGTERM itself, and the
+    # processes agree on the step to save at (Checkpointer.reached_preemption).
+    if (threading.current_thread() is threading.main_thread()
+        and jax.process_count() == 1):
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
     return self
 
@@ -250,7 +257,6 @@ class _SigtermFlag:
 
 def load_data(config: ml_collections.ConfigDict) -> pipeline.InMemoryData:
   """The configured data set (only the offline ``digits`` set so far)."""
-  from har_jax.data import digits  # pylint: disable=g-import-not-at-top
   return digits.load_digits(imbalance_factor=config.imbalance_factor, seed=config.seed)
 
 
@@ -287,10 +293,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.create_mesh() if mesh is None else mesh
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
-  data = load_data(config)
+  try:
+    data = load_data(config)
+    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size)
+  except ValueError as error:
+    raise config_lib.ConfigError(f"{config.dataset}: {error}") from None
   model = config_lib.create_model(config, data.num_classes)
   image_shape = data.train.images.shape[1:]
-  steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
   schedule = learning_rate_fn(config, steps_per_epoch, total_steps)
@@ -303,17 +312,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                          max_to_keep=config.max_checkpoints)
   state, restored_step = checkpointer.restore_latest(
       create_train_state(config, model, tx, image_shape, mesh, abstract=True))
+  summary_path = os.path.join(workdir, "summary.json")
+  best_path = os.path.join(workdir, "best_validation.json")
   if state is None:
     state = create_train_state(config, model, tx, image_shape, mesh)
+    best = None  # a fresh run never inherits a stale record
   else:
     logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)
+    if restored_step >= total_steps and os.path.exists(summary_path):
+      logging.info("The run in %s is finished; its summary stands.", workdir)
+      checkpointer.close()
+      return _read_json(summary_path)
+    best = _read_json(best_path)
   writer = _create_writer(workdir)
   logging.info("%s: %d train / %d test images, classes %s, %d steps of %d "
                "(%d per epoch), %d device(s).", config.dataset, len(data.train),
                len(data.test), list(data.class_counts), total_steps,
                config.batch_size, steps_per_epoch, jax.device_count())
-  best_path = os.path.join(workdir, "best_validation.json")
-  best = _read_json(best_path)
 
   start_step = int(sharding.to_host(state.step))
   last_step_metrics = None
@@ -355,6 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           checkpointer.save(done, state, wait=preempted)
         if preempted:
           raise Preempted(done)
+  except BaseException:
+    writer.close()
+    raise
   finally:
     checkpointer.close()
 
@@ -378,19 +396,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       class_counts=list(data.class_counts))
   if best is not None:
     summary["validation"] = best
-  writer.write_scalars(total_steps, {f"test/{k}": v for k, v in summary.items()
-                                     if isinstance(v, float)})
+  writer.write_scalars(total_steps, _evaluation_scalars("test", summary))
   writer.close()
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    _write_json(summary_path, summary)
   return summary
 
 
 def _check_finite(step: int, step_metrics: metrics_lib.TrainMetrics) -> None:
-  loss = float(sharding.to_host(step_metrics.loss.compute()))
-  if not math.isfinite(loss):
+  fetched = sharding.to_host(step_metrics)
+  if fetched.finite.compute() < 1:
     raise NonFiniteLossError(
-        f"the training loss is {loss} at step {step}; the run stops and keeps its "
+        f"the training loss ({float(fetched.loss.compute())}) or the parameters "
+        f"it produced are not finite at step {step}; the run stops and keeps its "
         "last good checkpoint. Lower the learning rate or check the data.")
 
 
@@ -400,11 +418,12 @@ def _log_progress(writer, window, done, total_steps, steps_per_epoch, batch_size
   seconds = max(time.time() - window_start[1], 1e-9)
   steps_per_sec = (done - window_start[0]) / seconds
   remaining = (total_steps - done) / max(steps_per_sec, 1e-9)
-  logging.info("step %d/%d (epoch %.1f): loss %.4f, lr %.3g, exits %s | %.1f steps/s, "
-               "%.0f images/s, %s left", done, total_steps, done / steps_per_epoch,
-               computed["loss"], computed["learning_rate"],
-               "/".join(f"{f:.2f}" for f in computed["exit_fraction"]), steps_per_sec,
-               steps_per_sec * batch_size, _duration(remaining))
+  if jax.process_index() == 0:
+    logging.info("step %d/%d (epoch %.1f): loss %.4f, lr %.3g, exits %s | %.1f steps/s, "
+                 "%.0f images/s, %s left", done, total_steps, done / steps_per_epoch,
+                 computed["loss"], computed["learning_rate"],
+                 "/".join(f"{f:.2f}" for f in computed["exit_fraction"]), steps_per_sec,
+                 steps_per_sec * batch_size, _duration(remaining))
   scalars = {"train/loss": computed["loss"],
              "train/learning_rate": computed["learning_rate"],
              "train/steps_per_sec": steps_per_sec}
@@ -417,10 +436,12 @@ def _log_progress(writer, window, done, total_steps, steps_per_epoch, batch_size
 def _validate(steps, state, data, config, mesh, writer, done, best, best_path,
               groups, flops):
   """Evaluates the validation split; on a new best, records the test result too."""
-  validation = evaluate(steps, state, data.validation, config, mesh)
-  accuracy = float(validation["accuracy"])
+  validation_summary = metrics_lib.evaluation_summary(
+      evaluate(steps, state, data.validation, config, mesh), groups, flops.per_exit,
+      flops.backbone)
+  accuracy = validation_summary["accuracy"]
   logging.info("step %d: validation accuracy %.4f", done, accuracy)
-  writer.write_scalars(done, {"validation/accuracy": accuracy})
+  writer.write_scalars(done, _evaluation_scalars("validation", validation_summary))
   if best is not None and accuracy <= best["best_accuracy"]:
     return best
   # Selection uses the validation split alone; the test numbers only ride along.
@@ -431,6 +452,18 @@ def _validate(steps, state, data, config, mesh, writer, done, best, best_path,
   if jax.process_index() == 0:
     _write_json(best_path, best)
   return best
+
+
+def _evaluation_scalars(prefix: str, summary: dict) -> dict:
+  """The evaluation numbers of a summary as TensorBoard scalars, lists per exit."""
+  scalars = {}
+  for name in ("accuracy", "many", "medium", "few", "flops_saving"):
+    if summary.get(name) is not None:
+      scalars[f"{prefix}/{name}"] = summary[name]
+  for name in ("per_exit_accuracy", "exit_fraction"):
+    for index, value in enumerate(summary[name]):
+      scalars[f"{prefix}/{name}_{index}"] = value
+  return scalars
 
 
 def _create_writer(workdir: str):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from har_jax import checkpoint
 from har_jax import config as config_lib
 from har_jax import losses
 from har_jax import sharding
@@ -131,10 +132,19 @@ def test_run_writes_summary_with_every_field(tmp_path):
 def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
   config = runs.small_config(learning_rate=1e12, warmup_epochs=0,
                              checkpoint_every_steps=1)
-  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+  with pytest.raises(train.NonFiniteLossError, match=r"not finite at step \d+") as error:
     train.train_and_evaluate(config, str(tmp_path))
-  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-  assert saved, "the good steps before the blow-up were checkpointed"
+  failed_at = int(str(error.value).split("at step ")[1].split(";")[0])
+  mesh = sharding.create_mesh()
+  data, model, _, _, per_epoch = _setup(config, mesh)
+  tx = train.create_optimizer(config, train.learning_rate_fn(config, per_epoch, 24))
+  abstract = train.create_train_state(config, model, tx, data.train.images.shape[1:],
+                                      mesh, abstract=True)
+  state, step = checkpoint.Checkpointer(tmp_path / "checkpoints").restore_latest(abstract)
+  assert state is not None, "the good steps before the blow-up were checkpointed"
+  assert step < failed_at
+  host = sharding.to_host(state)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(host.params))
 
 
 CORE_WITHOUT_TENSORFLOW = """
