@@ -1,10 +1,11 @@
 """The command line, `python -m har_jax.main`, run in subprocesses as a user runs it.
 
-Each training subprocess costs 15-40 s of imports and compilation on a small CPU
+Each training subprocess costs 15-50 s of imports and compilation on a small CPU
 machine, so one uninterrupted reference run (module fixture) serves every test
 that needs a finished run or numbers to compare against.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -82,6 +83,7 @@ class _Background:
   block the child (orbax logs a lot) while the test is busy polling."""
 
   def __init__(self, workdir, logs):
+    self.workdir = workdir
     os.makedirs(logs, exist_ok=True)
     self.stdout_path = os.path.join(logs, "stdout")
     self.stderr_path = os.path.join(logs, "stderr")
@@ -89,21 +91,12 @@ class _Background:
       self.process = subprocess.Popen(_command(workdir), stdout=out, stderr=err,
                                       env=ENV, cwd=runs.REPO)
 
-  def wait_for_checkpoint(self, workdir):
-    """Polls until the first checkpoint is complete; returns the finished steps."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-      finished = _finished_steps(workdir)
-      if finished:
-        return finished
-      if self.process.poll() is not None:
-        pytest.fail(f"the run ended (exit code {self.process.returncode}) before its "
-                    f"first checkpoint:\n{_tail(self.stderr_path)}")
-      time.sleep(0.02)  # polling interval only; the condition is checked above
-    pytest.fail(f"no finished checkpoint after {TIMEOUT_S} s:\n{_tail(self.stderr_path)}")
-
   def wait(self):
     return self.process.wait(timeout=TIMEOUT_S)
+
+  def stdout(self):
+    with open(self.stdout_path, encoding="utf-8", errors="replace") as f:
+      return f.read()
 
   def stderr(self):
     with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
@@ -114,6 +107,79 @@ class _Background:
     if self.process.poll() is None:
       self.process.kill()
       self.process.wait(timeout=60)
+
+
+@dataclasses.dataclass
+class _Interruption:
+  """What an interrupted run left, and how the same command then ended."""
+
+  first_checkpoint: int     # the step whose finished checkpoint set off the signal
+  returncode: int
+  stderr: str
+  finished_steps: set       # complete checkpoints when the process was gone
+  wrote_summary: bool
+  resumed_returncode: int
+  resumed_stderr: str
+  resumed_summary: dict     # None when the rerun wrote none
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+  """{SIGKILL: _Interruption, SIGTERM: _Interruption}.
+
+  Each run gets its signal as soon as its first checkpoint is complete, then
+  the same command runs again in its workdir. The two lineages run side by
+  side: each process spends most of its time in single-threaded imports and
+  compilation, so two share the machine's cores at little cost to either.
+  """
+  base = tmp_path_factory.mktemp("interrupted")
+  signals = (signal.SIGKILL, signal.SIGTERM)
+  first_runs = {sig: _Background(str(base / sig.name), str(base / f"{sig.name}.first"))
+                for sig in signals}
+  first_checkpoint = {}
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(first_checkpoint) < len(signals):
+      for sig, run in first_runs.items():
+        if sig in first_checkpoint:
+          continue
+        finished = _finished_steps(run.workdir)
+        if finished:
+          first_checkpoint[sig] = min(finished)
+          run.process.send_signal(sig)
+        elif run.process.poll() is not None:
+          pytest.fail(f"the {sig.name} run ended (exit code {run.process.returncode}) "
+                      f"before its first checkpoint:\n{_tail(run.stderr_path)}")
+      if time.monotonic() > deadline:
+        pytest.fail(f"no finished checkpoint after {TIMEOUT_S} s")
+      time.sleep(0.02)  # polling interval only; the condition is checked above
+    returncodes = {sig: run.wait() for sig, run in first_runs.items()}
+  finally:
+    for run in first_runs.values():
+      run.ensure_stopped()
+  # Recorded before the reruns change the workdirs.
+  left = {sig: (_finished_steps(run.workdir),
+                os.path.exists(os.path.join(run.workdir, "summary.json")))
+          for sig, run in first_runs.items()}
+
+  reruns = {sig: _Background(run.workdir, str(base / f"{sig.name}.again"))
+            for sig, run in first_runs.items()}
+  try:
+    rerun_codes = {sig: run.wait() for sig, run in reruns.items()}
+  finally:
+    for run in reruns.values():
+      run.ensure_stopped()
+  results = {}
+  for sig in signals:
+    summary_path = os.path.join(first_runs[sig].workdir, "summary.json")
+    results[sig] = _Interruption(
+        first_checkpoint=first_checkpoint[sig], returncode=returncodes[sig],
+        stderr=first_runs[sig].stderr(), finished_steps=left[sig][0],
+        wrote_summary=left[sig][1], resumed_returncode=rerun_codes[sig],
+        resumed_stderr=reruns[sig].stderr(),
+        resumed_summary=(_read_summary(first_runs[sig].workdir)
+                         if os.path.exists(summary_path) else None))
+  return results
 
 
 @pytest.fixture(scope="module")
@@ -204,54 +270,41 @@ def test_library_info_logs_stay_out_of_stderr(reference):
 
 # --- Interrupted runs resume and end exactly where an uninterrupted run ends. ------
 
-def test_sigkill_then_rerun_resumes_and_matches(tmp_path, reference):
-  workdir = str(tmp_path / "run")
-  run = _Background(workdir, str(tmp_path / "killed"))
-  try:
-    finished = run.wait_for_checkpoint(workdir)
-    run.process.send_signal(signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL
-  finally:
-    run.ensure_stopped()
-  assert not os.path.exists(os.path.join(workdir, "summary.json")), (
-      "the run finished before it was killed; the kill proves nothing")
+def test_sigkill_then_rerun_resumes_and_matches(interrupted, reference):
+  run = interrupted[signal.SIGKILL]
+  assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+  assert not run.wrote_summary, "the run finished before the kill; it proves nothing"
 
-  result = _run(_command(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr
-  resumed = RESUMED.search(result.stderr)
-  assert resumed, result.stderr[-3000:]
+  assert run.resumed_returncode == 0, run.resumed_stderr[-3000:]
+  assert "Traceback" not in run.resumed_stderr
+  resumed = RESUMED.search(run.resumed_stderr)
+  assert resumed, run.resumed_stderr[-3000:]
   resumed_step = int(resumed.group(1))
-  assert min(finished) <= resumed_step < TOTAL_STEPS, (resumed_step, finished)
-  summary = _read_summary(workdir)
-  _assert_same_as_reference(summary, reference[2])
-  assert summary["train_step_compiles"] == 1
+  # From the newest checkpoint the killed run completed, not from scratch.
+  assert resumed_step == max(run.finished_steps)
+  assert run.first_checkpoint <= resumed_step < TOTAL_STEPS
+  assert run.resumed_summary is not None
+  _assert_same_as_reference(run.resumed_summary, reference[2])
+  assert run.resumed_summary["train_step_compiles"] == 1
 
 
-def test_sigterm_saves_exits_143_and_rerun_matches(tmp_path, reference):
-  workdir = str(tmp_path / "run")
-  run = _Background(workdir, str(tmp_path / "terminated"))
-  try:
-    first = min(run.wait_for_checkpoint(workdir))
-    run.process.send_signal(signal.SIGTERM)
-    assert run.wait() == train.PREEMPTED_EXIT_CODE, _tail(run.stderr_path)
-  finally:
-    run.ensure_stopped()
-  stderr = run.stderr()
-  assert "Traceback" not in stderr
-  preempted = re.search(r"preempted at step (\d+)", stderr)
-  assert preempted, stderr[-3000:]
+def test_sigterm_saves_exits_143_and_rerun_matches(interrupted, reference):
+  run = interrupted[signal.SIGTERM]
+  assert run.returncode == train.PREEMPTED_EXIT_CODE, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr
+  assert not run.wrote_summary
+  preempted = re.search(r"preempted at step (\d+)", run.stderr)
+  assert preempted, run.stderr[-3000:]
   stopped_at = int(preempted.group(1))
-  # SIGTERM came after the first checkpoint, so the stop is a later step, and
-  # the state of that very step was saved (completely) before the exit.
-  assert first < stopped_at < TOTAL_STEPS
-  assert max(_finished_steps(workdir)) == stopped_at
-  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  # SIGTERM came after the first checkpoint, so the stop is at a later step,
+  # and the state of that very step was saved (completely) before the exit.
+  assert run.first_checkpoint < stopped_at < TOTAL_STEPS
+  assert max(run.finished_steps) == stopped_at
 
-  result = _run(_command(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"Resumed from the checkpoint of step {stopped_at} " in result.stderr
-  _assert_same_as_reference(_read_summary(workdir), reference[2])
+  assert run.resumed_returncode == 0, run.resumed_stderr[-3000:]
+  assert f"Resumed from the checkpoint of step {stopped_at} " in run.resumed_stderr
+  assert run.resumed_summary is not None
+  _assert_same_as_reference(run.resumed_summary, reference[2])
 
 
 # --- A finished run, run again, does not train again. -----------------------------
