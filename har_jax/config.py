@@ -14,7 +14,7 @@ from har_jax import models
 
 DATASETS = ("digits",)
 LOSSES = ("ce", "focal", "ldam")
-HEADS = ("auto", "linear", "normed")
+HEAD_CHOICES = ("auto", "linear", "normed")  # models.HEADS plus "auto"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
 
@@ -102,7 +102,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                       "har_jax/config.py:base_config.")
   _one_of("dataset", config.dataset, DATASETS)
   _one_of("loss", config.loss, LOSSES)
-  _one_of("head", config.head, HEADS)
+  _one_of("head", config.head, HEAD_CHOICES)
   _one_of("dtype", config.dtype, tuple(DTYPES))
   _one_of("schedule", config.schedule, SCHEDULES)
   if not config.imbalance_factor >= 1:

@@ -146,8 +146,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
 def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
                tx: optax.GradientTransformation, data: pipeline.InMemoryData,
                mesh: jax.sharding.Mesh, steps_per_epoch: int,
-               total_steps: int) -> Steps:
-  """Builds the jitted train and eval steps of a run."""
+               schedule: Callable[[jax.Array], jax.Array]) -> Steps:
+  """Builds the jitted train and eval steps of a run.
+
+  ``schedule`` is the learning-rate function ``tx`` uses; the step reports it.
+  """
   class_counts = data.class_counts
   num_classes = data.num_classes
   loss_fn = base_loss_fn(config, class_counts)
@@ -155,7 +158,6 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
   # A threshold of 1 never qualifies an exit: every exit trains on everything.
   har_threshold = config.har_threshold if config.har else 1.0
   exit_threshold = config_lib.inference_threshold(config)
-  schedule = learning_rate_fn(config, steps_per_epoch, total_steps)
   drw_weights = losses.class_balanced_weights(class_counts, config.drw_beta)
   mean, std = data.mean, data.std
   traces = []
@@ -304,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  else config.num_epochs * steps_per_epoch)
   schedule = learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = create_optimizer(config, schedule)
-  steps = make_steps(config, model, tx, data, mesh, steps_per_epoch, total_steps)
+  steps = make_steps(config, model, tx, data, mesh, steps_per_epoch, schedule)
   flops = models.exit_flops(model, image_shape)
   groups = long_tail.shot_groups(data.class_counts, config.shot_many, config.shot_few)
 

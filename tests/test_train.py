@@ -59,8 +59,7 @@ def _setup(config, mesh):
   per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size)
   schedule = train.learning_rate_fn(config, per_epoch, config.num_train_steps)
   tx = train.create_optimizer(config, schedule)
-  steps = train.make_steps(config, model, tx, data, mesh, per_epoch,
-                           config.num_train_steps)
+  steps = train.make_steps(config, model, tx, data, mesh, per_epoch, schedule)
   state = train.create_train_state(config, model, tx, data.train.images.shape[1:], mesh)
   return data, model, steps, state, per_epoch
 
