@@ -12,7 +12,9 @@ import ml_collections
 
 from har_jax import models
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet_lt", "i_naturalist2018")
+# Kept on the devices whole; the others stream from tfds (har_jax.data.streaming).
+IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
 LOSSES = ("ce", "focal", "ldam")
 HEAD_CHOICES = ("auto", "linear", "normed")  # models.HEADS plus "auto"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -29,8 +31,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Data.
   config.dataset = "digits"
   config.imbalance_factor = 100.0   # n_max / n_min of the long-tailed train split
-  config.augment_pad = 4            # pixels of zero padding before the random crop
-  config.augment_flip = True        # random horizontal flips
+                                    # (digits, CIFAR; ImageNet-LT/iNat have their own)
+  config.validation_per_class = 0   # CIFAR: balanced validation held out of train
+  config.data_dir = ""              # tfds data directory; "": tfds's default
+  config.tfds_download = True       # prepare a missing tfds set (needs internet)
+  config.image_size = 224           # streaming sets: network input S x S
+  config.shuffle_buffer = 10_000    # streaming sets: examples per process
+  config.augment_pad = 4            # in-memory sets: zero padding before the random crop
+  config.augment_flip = True        # in-memory sets: random horizontal flips
+                                    # (streaming sets: random-resized crop and flip)
   config.shot_many = 100            # many-shot: more than this many train images
   config.shot_few = 20              # few-shot: fewer than this many
   # Model.
@@ -150,6 +159,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
       raise ConfigError(f"{name} must be positive, got {config[name]}.")
   if config.augment_pad < 0:
     raise ConfigError(f"augment_pad must be >= 0, got {config.augment_pad}.")
+  if config.validation_per_class < 0:
+    raise ConfigError(f"validation_per_class must be >= 0, got "
+                      f"{config.validation_per_class}.")
+  if config.dataset not in IN_MEMORY_DATASETS:
+    if config.image_size < 32:
+      raise ConfigError(f"image_size must be at least 32, got {config.image_size}.")
+    if config.shuffle_buffer < 1:
+      raise ConfigError(f"shuffle_buffer must be positive, got "
+                        f"{config.shuffle_buffer}.")
 
 
 def _one_of(name: str, value: str, allowed: tuple) -> None:

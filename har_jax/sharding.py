@@ -7,8 +7,10 @@ computed over the global batch, so results do not depend on the device count.
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Mapping, Optional
+import threading
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from absl import logging
 import jax
@@ -47,6 +49,63 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for name, value in local_batch.items()}
+
+
+def replicate_host_data(tree: Any, mesh: Mesh) -> Any:
+  """Copies host arrays (the same on every process) to every device of ``mesh``."""
+  sharding = replicated(mesh)
+  def put(value):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(put, tree)
+
+
+def prefetch_to_mesh(local_batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+                     size: int = 2) -> Iterator[dict]:
+  """Global batches of ``local_batches``, assembled ``size`` ahead by a thread.
+
+  The host pipeline and the transfer to the devices overlap the running step.
+  An exception in the producer is raised by the consumer's next call.
+  """
+  queue = collections.deque()
+  ready = threading.Semaphore(0)
+  room = threading.Semaphore(size)
+  stop = threading.Event()
+  done = object()
+
+  def produce():
+    try:
+      for local in local_batches:
+        room.acquire()
+        if stop.is_set():
+          return
+        queue.append(global_batch(local, mesh))
+        ready.release()
+      queue.append(done)
+    except BaseException as error:  # handed to the consumer
+      queue.append(error)
+    ready.release()
+
+  thread = threading.Thread(target=produce, daemon=True, name="prefetch_to_mesh")
+  thread.start()
+  try:
+    while True:
+      ready.acquire()
+      item = queue.popleft()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      room.release()
+      yield item
+  finally:
+    stop.set()
+    room.release()
+
+
+def allgather_sum(value: np.ndarray) -> np.ndarray:
+  """The sum over processes of each process's host array of the same shape."""
+  return np.asarray(multihost_utils.process_allgather(np.asarray(value))).sum(axis=0)
 
 
 def _cluster_environment() -> bool:

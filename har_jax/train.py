@@ -61,6 +61,9 @@ class Steps:
   train: Callable[[TrainState, dict], tuple[TrainState, metrics_lib.TrainMetrics]]
   evaluate: Callable[[TrainState, dict], metrics_lib.EvalMetrics]
   train_traces: list
+  # (state, resident) -> (state, metrics): the step that gathers its own batch
+  # from the training split kept on the devices; None for streaming data.
+  train_resident: Optional[Callable] = None
 
   @property
   def train_step_compiles(self) -> int:
@@ -144,12 +147,17 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
 
 
 def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
-               tx: optax.GradientTransformation, data: pipeline.InMemoryData,
+               tx: optax.GradientTransformation, data: Any,
                mesh: jax.sharding.Mesh, steps_per_epoch: int,
                schedule: Callable[[jax.Array], jax.Array]) -> Steps:
   """Builds the jitted train and eval steps of a run.
 
-  ``schedule`` is the learning-rate function ``tx`` uses; the step reports it.
+  Args:
+    data: an ``InMemoryData`` (the step pads, crops and flips on the device,
+      and ``Steps.train_resident`` gathers the batch itself) or a
+      ``StreamingData`` (the host already cropped and flipped); only its
+      statistics are used here.
+    schedule: the learning-rate function ``tx`` uses; the step reports it.
   """
   class_counts = data.class_counts
   num_classes = data.num_classes
@@ -160,6 +168,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
   exit_threshold = config_lib.inference_threshold(config)
   drw_weights = losses.class_balanced_weights(class_counts, config.drw_beta)
   mean, std = data.mean, data.std
+  in_memory = isinstance(data, pipeline.InMemoryData)
   traces = []
 
   def class_weights_at(step):
@@ -170,10 +179,12 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
 
   def train_step(state: TrainState, batch: dict):
     traces.append(None)  # runs only while tracing
-    key = jax.random.fold_in(state.key, state.step)
-    # Pad with black before normalising, as torchvision's RandomCrop does.
-    images = augment.random_crop_flip(batch["images"].astype(jnp.float32), key,
-                                      pad=config.augment_pad, flip=config.augment_flip)
+    images = batch["images"].astype(jnp.float32)
+    if in_memory:
+      key = jax.random.fold_in(state.key, state.step)
+      # Pad with black before normalising, as torchvision's RandomCrop does.
+      images = augment.random_crop_flip(images, key, pad=config.augment_pad,
+                                        flip=config.augment_flip)
     images = augment.normalize(images, mean, std)
     labels = batch["labels"]
 
@@ -225,7 +236,23 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
                   out_shardings=(replicated, replicated), donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(replicated, batched),
                      out_shardings=replicated)
-  return Steps(train=train, evaluate=evaluate, train_traces=traces)
+  train_resident = None
+  if in_memory:
+    num_train = data.num_train
+
+    def train_step_resident(state: TrainState, resident: dict):
+      indices = pipeline.train_indices(num_train, step=state.step,
+                                       global_batch_size=config.batch_size,
+                                       seed=config.seed)
+      # Each device gathers only its own rows of the global batch.
+      batch = jax.lax.with_sharding_constraint(
+          {name: values[indices] for name, values in resident.items()}, batched)
+      return train_step(state, batch)
+
+    train_resident = jax.jit(train_step_resident, in_shardings=(replicated, replicated),
+                             out_shardings=(replicated, replicated), donate_argnums=0)
+  return Steps(train=train, evaluate=evaluate, train_traces=traces,
+               train_resident=train_resident)
 
 
 class Preempted(Exception):
@@ -257,18 +284,70 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def load_data(config: ml_collections.ConfigDict) -> pipeline.InMemoryData:
-  """The configured data set (only the offline ``digits`` set so far)."""
-  return digits.load_digits(imbalance_factor=config.imbalance_factor, seed=config.seed)
+def load_data(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None):
+  """The configured data set: an ``InMemoryData`` or a ``StreamingData``.
+
+  Streaming sets count their training labels in one pass over the data; with
+  ``workdir`` the counts are kept in ``workdir/class_counts.json`` so that a
+  resumed run skips the pass.
+
+  Raises:
+    ValueError: the data set cannot be loaded as configured (a
+      ``DataNotPreparedError`` says how to prepare it).
+  """
+  if config.dataset == "digits":
+    return digits.load_digits(imbalance_factor=config.imbalance_factor,
+                               seed=config.seed)
+  # TensorFlow is imported only for the tfds sources.
+  from har_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  from har_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
+  data_dir = config.data_dir or None
+  if config.dataset in config_lib.IN_MEMORY_DATASETS:
+    return tfds_sources.load_cifar_lt(
+        config.dataset, imbalance_factor=config.imbalance_factor, seed=config.seed,
+        validation_per_class=config.validation_per_class, data_dir=data_dir,
+        download=config.tfds_download)
+  cache = os.path.join(workdir, "class_counts.json") if workdir else None
+  cached = _read_json(cache) if cache else None
+  if cached is not None and cached.get("dataset") != config.dataset:
+    cached = None
+  data = streaming.load_streaming(
+      config.dataset, image_size=config.image_size,
+      shuffle_buffer=config.shuffle_buffer, data_dir=data_dir,
+      download=config.tfds_download, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      class_counts=cached["class_counts"] if cached else None,
+      allgather_sum=sharding.allgather_sum)
+  if cache and cached is None and jax.process_index() == 0:
+    _write_json(cache, {"dataset": config.dataset,
+                        "class_counts": list(data.class_counts)})
+  return data
 
 
-def evaluate(steps: Steps, state: TrainState, dataset: pipeline.ArrayDataset,
+def eval_local_batches(data, which: str, config: ml_collections.ConfigDict):
+  """This process's evaluation batches of split ``which`` (``"validation"`` or
+  ``"test"``) of an ``InMemoryData`` or a ``StreamingData``."""
+  kwargs = dict(global_batch_size=config.eval_batch_size,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if isinstance(data, pipeline.InMemoryData):
+    return pipeline.eval_batches(getattr(data, which), **kwargs)
+  return data.eval_batches(which, **kwargs)
+
+
+def evaluate(steps: Steps, state: TrainState, dataset,
              config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
-  """EvalMetrics over every example of ``dataset`` exactly once, on the host."""
+  """EvalMetrics over every example exactly once, on the host.
+
+  Args:
+    dataset: an ``ArrayDataset``, or an iterable of this process's evaluation
+      batches (:func:`eval_local_batches`).
+  """
+  if isinstance(dataset, pipeline.ArrayDataset):
+    dataset = pipeline.eval_batches(dataset, global_batch_size=config.eval_batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
   merged = None
-  for local in pipeline.eval_batches(dataset, global_batch_size=config.eval_batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+  for local in dataset:
     batch_metrics = steps.evaluate(state, sharding.global_batch(local, mesh))
     merged = batch_metrics if merged is None else merged.merge(batch_metrics)
   return sharding.to_host(merged).compute()
@@ -296,12 +375,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   try:
-    data = load_data(config)
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size)
+    data = load_data(config, workdir=workdir)
+    steps_per_epoch = pipeline.steps_per_epoch(data.num_train, config.batch_size)
   except ValueError as error:
     raise config_lib.ConfigError(f"{config.dataset}: {error}") from None
   model = config_lib.create_model(config, data.num_classes)
-  image_shape = data.train.images.shape[1:]
+  image_shape = data.image_shape
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
   schedule = learning_rate_fn(config, steps_per_epoch, total_steps)
@@ -327,12 +406,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return _read_json(summary_path)
     best = _read_json(best_path)
   writer = _create_writer(workdir)
-  logging.info("%s: %d train / %d test images, classes %s, %d steps of %d "
-               "(%d per epoch), %d device(s).", config.dataset, len(data.train),
-               len(data.test), list(data.class_counts), total_steps,
-               config.batch_size, steps_per_epoch, jax.device_count())
+  logging.info("%s: %d train images, class counts %s, %d steps of %d "
+               "(%d per epoch), %d device(s).", config.dataset, data.num_train,
+               _abbreviated(data.class_counts), total_steps, config.batch_size,
+               steps_per_epoch, jax.device_count())
 
   start_step = int(sharding.to_host(state.step))
+  if steps.train_resident is not None:
+    resident = sharding.replicate_host_data(
+        {"images": data.train.images, "labels": data.train.labels}, mesh)
+    batches = None
+  else:
+    batches = sharding.prefetch_to_mesh(data.train_batches(
+        start_step=start_step, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count()), mesh)
   last_step_metrics = None
   window = None
   timed_from = None  # (step, time) after the first (compiling) step of this process
@@ -340,11 +427,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with _SigtermFlag() as sigterm:
       for step in range(start_step, total_steps):
-        local = pipeline.train_batch(data.train, step=step,
-                                     global_batch_size=config.batch_size,
-                                     seed=config.seed, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-        state, step_metrics = steps.train(state, sharding.global_batch(local, mesh))
+        if batches is None:
+          state, step_metrics = steps.train_resident(state, resident)
+        else:
+          state, step_metrics = steps.train(state, next(batches))
         # Checking the previous step's loss while this one runs keeps the
         # device busy; a bad loss still stops the run before any save.
         if last_step_metrics is not None:
@@ -361,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           _log_progress(writer, window, done, total_steps, steps_per_epoch,
                         config.batch_size, window_start)
           window, window_start = None, (done, time.time())
-        if (data.validation is not None
+        if (data.has_validation
             and done % (config.eval_every_epochs * steps_per_epoch) == 0):
           best = _validate(steps, state, data, config, mesh, writer, done, best,
                            best_path, groups, flops)
@@ -382,8 +468,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   elapsed = time.time() - timed_from[1] if timed_from else 0.0
   timed_steps = total_steps - timed_from[0] if timed_from else 0
   summary = metrics_lib.evaluation_summary(
-      evaluate(steps, state, data.test, config, mesh), groups, flops.per_exit,
-      flops.backbone)
+      evaluate(steps, state, eval_local_batches(data, "test", config), config, mesh),
+      groups, flops.per_exit, flops.backbone)
   final_loss = (float(sharding.to_host(last_step_metrics[1].loss.compute()))
                 if last_step_metrics else None)
   summary.update(
@@ -439,8 +525,8 @@ def _validate(steps, state, data, config, mesh, writer, done, best, best_path,
               groups, flops):
   """Evaluates the validation split; on a new best, records the test result too."""
   validation_summary = metrics_lib.evaluation_summary(
-      evaluate(steps, state, data.validation, config, mesh), groups, flops.per_exit,
-      flops.backbone)
+      evaluate(steps, state, eval_local_batches(data, "validation", config), config,
+               mesh), groups, flops.per_exit, flops.backbone)
   accuracy = validation_summary["accuracy"]
   logging.info("step %d: validation accuracy %.4f", done, accuracy)
   writer.write_scalars(done, _evaluation_scalars("validation", validation_summary))
@@ -448,8 +534,8 @@ def _validate(steps, state, data, config, mesh, writer, done, best, best_path,
     return best
   # Selection uses the validation split alone; the test numbers only ride along.
   test = metrics_lib.evaluation_summary(
-      evaluate(steps, state, data.test, config, mesh), groups, flops.per_exit,
-      flops.backbone)
+      evaluate(steps, state, eval_local_batches(data, "test", config), config, mesh),
+      groups, flops.per_exit, flops.backbone)
   best = {"best_accuracy": accuracy, "best_step": done, "test_at_best": test}
   if jax.process_index() == 0:
     _write_json(best_path, best)
@@ -473,6 +559,15 @@ def _create_writer(workdir: str):
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def _abbreviated(values, shown: int = 12) -> str:
+  values = list(values)
+  if len(values) <= shown:
+    return str(values)
+  head = ", ".join(map(str, values[:shown // 2]))
+  tail = ", ".join(map(str, values[-shown // 2:]))
+  return f"[{head}, ... ({len(values)} classes) ..., {tail}]"
 
 
 def _duration(seconds: float) -> str:

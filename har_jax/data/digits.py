@@ -13,6 +13,7 @@ from sklearn import datasets
 from har_jax.data.long_tail import long_tail_counts
 from har_jax.data.pipeline import ArrayDataset
 from har_jax.data.pipeline import InMemoryData
+from har_jax.data.pipeline import channel_mean_std
 
 NUM_CLASSES = 10
 # The digits' pixel values are counts of set bits in 4x4 blocks, 0..16.
@@ -73,11 +74,10 @@ def load_digits(*, imbalance_factor: float, seed: int, test_per_class: int = 50,
     return ArrayDataset(images=images[indices], labels=labels[indices])
 
   train_split = split(train)
-  scaled = train_split.images / 255.0
+  mean, std = channel_mean_std(train_split.images)
   return InMemoryData(
       train=train_split,
       validation=split(validation) if validation_per_class else None,
       test=split(test),
       num_classes=NUM_CLASSES,
-      mean=tuple(float(m) for m in scaled.mean(axis=(0, 1, 2))),
-      std=tuple(float(s) for s in scaled.std(axis=(0, 1, 2))))
+      mean=mean, std=std)

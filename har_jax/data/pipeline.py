@@ -3,7 +3,10 @@
 Every training batch is a pure function of ``(seed, step)``: the examples of
 step ``s`` are a slice of a permutation seeded by ``(seed, epoch)``. A run
 resumed from a checkpoint at step ``s`` therefore sees exactly the batches an
-uninterrupted run sees, with no iterator state to save.
+uninterrupted run sees, with no iterator state to save. The trainer keeps an
+in-memory training split on the devices and gathers each batch inside the
+compiled step (:func:`train_indices` is a JAX function); :func:`train_batch` is
+the same batch gathered on the host.
 
 Batches are global: B is the batch size summed over all processes. With P
 processes, process ``p`` loads only rows ``[p * B/P, (p+1) * B/P)`` of each
@@ -14,9 +17,10 @@ expects for a batch sharded over the ``data`` axis.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Iterator, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -74,6 +78,34 @@ class InMemoryData:
     counts = np.bincount(self.train.labels, minlength=self.num_classes)
     return tuple(int(n) for n in counts)
 
+  @property
+  def num_train(self) -> int:
+    return len(self.train)
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    return tuple(self.train.images.shape[1:])
+
+  @property
+  def has_validation(self) -> bool:
+    return self.validation is not None
+
+
+def channel_mean_std(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+  """Per-channel mean and standard deviation of uint8 ``[N, H, W, C]`` images
+  scaled to ``[0, 1]``, accumulated in float64 without a float copy of the set."""
+  channels = images.shape[-1]
+  total = np.zeros(channels)
+  squares = np.zeros(channels)
+  for start in range(0, len(images), 1024):
+    chunk = images[start:start + 1024].reshape(-1, channels).astype(np.float64) / 255
+    total += chunk.sum(axis=0)
+    squares += np.square(chunk).sum(axis=0)
+  count = images.size // channels
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Training steps in one epoch, ``N // B``.
@@ -100,39 +132,34 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return steps
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  # Cached so that consecutive steps of an epoch do not redraw the permutation;
-  # read-only because every caller shares the cached array.
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  order.flags.writeable = False
-  return order
-
-
-def train_indices(num_examples: int, *, step: int, global_batch_size: int,
-                  seed: int) -> np.ndarray:
+def train_indices(num_examples: int, *, step, global_batch_size: int,
+                  seed: int) -> jax.Array:
   """Indices of the examples in global training batch ``step``.
 
   ``epoch = step // steps_per_epoch``; the epoch's order is
-  ``np.random.default_rng([seed, epoch]).permutation(N)`` and the batch is the
-  ``step % steps_per_epoch``-th block of B entries of it.
+  ``jax.random.permutation(fold_in(PRNGKey(seed), epoch), N)`` and the batch is
+  the ``step % steps_per_epoch``-th block of B entries of it. A pure JAX
+  function, so the train step computes its own batch from ``state.step`` on the
+  device (``step`` may be traced) and the host computes the same indices.
 
   Args:
     num_examples: N.
-    step: 0-based global step.
+    step: 0-based global step, an int or a traced int32 scalar.
     global_batch_size: B.
     seed: non-negative data seed.
 
   Returns:
-    ``[B]`` int64 distinct indices into the training split.
+    ``[B]`` int32 distinct indices into the training split.
   """
-  if step < 0 or seed < 0:
+  if isinstance(step, (int, np.integer)) and step < 0 or seed < 0:
     raise ValueError(f"train_indices: step and seed must be >= 0, got "
                      f"step={step}, seed={seed}.")
-  epoch, position = divmod(step, steps_per_epoch(num_examples, global_batch_size))
-  order = _epoch_order(num_examples, seed, epoch)
-  start = position * global_batch_size
-  return order[start:start + global_batch_size].copy()
+  per_epoch = steps_per_epoch(num_examples, global_batch_size)
+  epoch, position = jnp.divmod(jnp.asarray(step, jnp.int32), per_epoch)
+  order = jax.random.permutation(
+      jax.random.fold_in(jax.random.PRNGKey(seed), epoch), num_examples)
+  return jax.lax.dynamic_slice_in_dim(
+      order.astype(jnp.int32), position * global_batch_size, global_batch_size)
 
 
 def _local_batch_size(global_batch_size: int, process_index: int,
@@ -165,8 +192,8 @@ def train_batch(dataset: ArrayDataset, *, step: int, global_batch_size: int,
     ``[p * B/P, (p+1) * B/P)`` of the global batch; only these rows are read.
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
-  indices = train_indices(len(dataset), step=step,
-                          global_batch_size=global_batch_size, seed=seed)
+  indices = np.asarray(train_indices(len(dataset), step=step,
+                                    global_batch_size=global_batch_size, seed=seed))
   indices = indices[process_index * local:(process_index + 1) * local]
   return {"images": dataset.images[indices], "labels": dataset.labels[indices]}
 

@@ -1,0 +1,291 @@
+"""ImageNet-scale data streamed from tfds: decoding and augmentation on the host.
+
+Each process reads only its shard of a split: the contiguous examples
+``[p * N // P, (p + 1) * N // P)`` (:func:`shard_range`). Training examples are
+decoded with a random-resized crop to ``image_size`` and a horizontal flip,
+evaluation ones resized to ``image_size / 0.875`` on the shorter side and centre
+cropped. Batches leave the host as uint8; the train step normalises them.
+
+The training order is a pure function of ``(seed, step)`` for a given process
+count: epoch ``e`` reads the shard with file order and shuffle buffer seeded
+by ``(seed, e)``, and every example's crop and flip are seeded by ``(seed, e)``
+and its position in the epoch. A run resumed at step ``s`` skips the first
+``s % steps_per_epoch`` batches of its epoch before decoding them, so it sees
+exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from har_jax.data import tfds_sources
+from har_jax.data.pipeline import num_eval_batches
+from har_jax.data.pipeline import steps_per_epoch
+
+# The evaluation resize: 224 / 0.875 = 256, the usual ImageNet protocol.
+CENTRE_CROP_FRACTION = 0.875
+
+
+def shard_range(num_examples: int, process_index: int,
+                process_count: int) -> Tuple[int, int]:
+  """``[start, end)`` of process ``p``'s contiguous shard of N examples.
+
+  Shards differ in size by at most one and together cover every example once.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got "
+                     f"{process_index}.")
+  return (process_index * num_examples // process_count,
+          (process_index + 1) * num_examples // process_count)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+  return (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
+def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
+                        area_range=(0.08, 1.0),
+                        aspect_ratio_range=(3 / 4, 4 / 3)) -> tf.Tensor:
+  """Decodes the JPEG crop of a random area and aspect ratio, resized to
+  ``image_size`` square (torchvision's RandomResizedCrop), uint8 ``[S, S, 3]``.
+  Falls back to the whole image when no crop fits, as torchvision does."""
+  shape = tf.image.extract_jpeg_shape(encoded)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+      seed=seed, min_object_covered=0.0, aspect_ratio_range=aspect_ratio_range,
+      area_range=area_range, max_attempts=10, use_image_if_no_bounding_boxes=True)
+  offset_y, offset_x, _ = tf.unstack(begin)
+  height, width, _ = tf.unstack(size)
+  image = tf.image.decode_and_crop_jpeg(
+      encoded, tf.stack([offset_y, offset_x, height, width]), channels=3)
+  return _resize_uint8(image, [image_size, image_size])
+
+
+def resize_centre_crop(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Decodes, resizes the shorter side to ``image_size / 0.875`` and takes the
+  centre ``image_size`` square, uint8 ``[S, S, 3]``."""
+  image = tf.io.decode_jpeg(encoded, channels=3)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = (image_size / CENTRE_CROP_FRACTION) / tf.reduce_min(shape)
+  resized = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+  image = _resize_uint8(image, resized)
+  top = (resized[0] - image_size) // 2
+  left = (resized[1] - image_size) // 2
+  return image[top:top + image_size, left:left + image_size]
+
+
+def _resize_uint8(image: tf.Tensor, size) -> tf.Tensor:
+  image = tf.image.resize(image, size, method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamingData:
+  """A tfds data set read in shards, with the statistics training needs.
+
+  Attributes:
+    name: the key of :data:`tfds_sources.SOURCES`.
+    tfds_builder: the prepared builder.
+    class_counts: ``[C]`` training examples per class, counted from the data.
+    split_sizes: examples of ``"train"``, ``"test"`` and (when present)
+      ``"validation"``.
+    image_size: S of the network input ``[S, S, 3]``.
+    shuffle_buffer: examples in the training shuffle buffer of each process.
+  """
+  name: str
+  tfds_builder: tfds.core.DatasetBuilder
+  class_counts: Tuple[int, ...]
+  split_sizes: dict
+  image_size: int
+  shuffle_buffer: int = 10_000
+  mean: Tuple[float, ...] = tfds_sources.IMAGENET_MEAN
+  std: Tuple[float, ...] = tfds_sources.IMAGENET_STD
+
+  @property
+  def source(self) -> tfds_sources.Source:
+    return tfds_sources.SOURCES[self.name]
+
+  @property
+  def num_classes(self) -> int:
+    return self.source.num_classes
+
+  @property
+  def num_train(self) -> int:
+    return self.split_sizes["train"]
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    return (self.image_size, self.image_size, 3)
+
+  @property
+  def has_validation(self) -> bool:
+    return "validation" in self.split_sizes
+
+  def _tfds_split(self, which: str) -> str:
+    return {"train": self.source.train_split, "test": self.source.test_split,
+            "validation": self.source.validation_split}[which]
+
+  def _read(self, which: str, process_index: int, process_count: int, *,
+            shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+    start, end = shard_range(self.split_sizes[which], process_index, process_count)
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+    return self.tfds_builder.as_dataset(
+        split=f"{self._tfds_split(which)}[{start}:{end}]",
+        shuffle_files=shuffle_seed is not None, read_config=read_config,
+        decoders={"image": tfds.decode.SkipDecoding()})
+
+  def train_batches(self, *, start_step: int, global_batch_size: int, seed: int,
+                    process_index: int = 0,
+                    process_count: int = 1) -> Iterator[dict]:
+    """This process's share of the global training batches from ``start_step`` on.
+
+    Yields:
+      ``{'images': [B/P, S, S, 3] uint8, 'labels': [B/P] int32}`` for steps
+      ``start_step, start_step + 1, ...`` without end.
+    """
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch size {global_batch_size} is not divisible "
+                       f"by the process count {process_count}.")
+    local = global_batch_size // process_count
+    per_epoch = steps_per_epoch(self.num_train, global_batch_size)
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+      epoch_seed = _epoch_seed(seed, epoch)
+      dataset = self._read("train", process_index, process_count,
+                           shuffle_seed=epoch_seed)
+      dataset = dataset.shuffle(self.shuffle_buffer, seed=epoch_seed,
+                                reshuffle_each_iteration=False)
+      # Skip before decoding: resuming costs reads, not decodes.
+      dataset = dataset.skip(skip * local).enumerate(start=skip * local)
+      image_size = self.image_size
+      stream = np.int64(process_index) << 32
+
+      def decode(index, example, epoch_seed=epoch_seed):
+        crop_seed = tf.stack([tf.constant(epoch_seed, tf.int64), stream + index])
+        flip_seed = tf.stack([tf.constant(epoch_seed, tf.int64) + 1, stream + index])
+        image = random_resized_crop(example["image"], crop_seed, image_size)
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return {"images": image, "labels": tf.cast(example["label"], tf.int32)}
+
+      dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+      dataset = dataset.batch(local, drop_remainder=True).take(per_epoch - skip)
+      for batch in tfds.as_numpy(dataset.prefetch(tf.data.AUTOTUNE)):
+        yield batch
+      epoch, skip = epoch + 1, 0
+
+  def eval_batches(self, which: str, *, global_batch_size: int,
+                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """This process's share of every evaluation batch of split ``which``.
+
+    Every process yields ``ceil(ceil(N / P) / (B / P))`` batches, so all take
+    part in every global batch; rows past the end of a shard are padding with
+    ``mask`` False. Together the processes cover each example exactly once.
+
+    Yields:
+      ``{'images': [B/P, S, S, 3] uint8, 'labels': [B/P] int32,
+      'mask': [B/P] bool}``.
+    """
+    if global_batch_size % process_count:
+      raise ValueError(f"global batch size {global_batch_size} is not divisible "
+                       f"by the process count {process_count}.")
+    local = global_batch_size // process_count
+    largest_shard = -(-self.split_sizes[which] // process_count)
+    batches = num_eval_batches(largest_shard, local)
+    image_size = self.image_size
+    dataset = self._read(which, process_index, process_count).map(
+        lambda ex: {"images": resize_centre_crop(ex["image"], image_size),
+                    "labels": tf.cast(ex["label"], tf.int32)},
+        num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(local).prefetch(tf.data.AUTOTUNE)
+    yielded = 0
+    for batch in tfds.as_numpy(dataset):
+      yield _pad(batch, local)
+      yielded += 1
+    empty = {"images": np.zeros((0, image_size, image_size, 3), np.uint8),
+             "labels": np.zeros((0,), np.int32)}
+    for _ in range(batches - yielded):
+      yield _pad(empty, local)
+
+
+def _pad(batch: dict, size: int) -> dict:
+  count = len(batch["labels"])
+  padding = size - count
+  return {"images": np.pad(batch["images"], [(0, padding), (0, 0), (0, 0), (0, 0)]),
+          "labels": np.pad(batch["labels"], (0, padding)),
+          "mask": np.arange(size) < count}
+
+
+def _split_size(tfds_builder: tfds.core.DatasetBuilder, split: str) -> int:
+  splits = tfds_builder.info.splits
+  if split in splits:
+    return splits[split].num_examples
+  # Builders without recorded split sizes (tfds's mock data): count.
+  dataset = tfds_builder.as_dataset(split=split, decoders={
+      "image": tfds.decode.SkipDecoding()})
+  return int(dataset.reduce(np.int64(0), lambda count, _: count + 1).numpy())
+
+
+def count_labels(tfds_builder: tfds.core.DatasetBuilder, split: str,
+                 num_classes: int, *, start: int = 0,
+                 end: Optional[int] = None) -> np.ndarray:
+  """``[C]`` examples per class in ``split[start:end]``; labels are checked."""
+  suffix = f"[{start}:{'' if end is None else end}]"
+  dataset = tfds_builder.as_dataset(
+      split=split + suffix, decoders={"image": tfds.decode.SkipDecoding()})
+  dataset = dataset.map(lambda ex: ex["label"],
+                        num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
+  counts = np.zeros(num_classes, np.int64)
+  offset = start
+  for labels in tfds.as_numpy(dataset):
+    tfds_sources.check_labels(labels, num_classes,
+                              f"{tfds_builder.name} {split} (from example {offset})")
+    counts += np.bincount(labels, minlength=num_classes)
+    offset += len(labels)
+  return counts
+
+
+def load_streaming(name: str, *, image_size: int = 224, shuffle_buffer: int = 10_000,
+                   data_dir: Optional[str] = None, download: bool = True,
+                   process_index: int = 0, process_count: int = 1,
+                   class_counts: Optional[Tuple[int, ...]] = None,
+                   allgather_sum=None) -> StreamingData:
+  """ImageNet-LT or iNaturalist 2018 as a :class:`StreamingData`.
+
+  Args:
+    name: ``"imagenet_lt"`` or ``"i_naturalist2018"``.
+    image_size: S of the network input.
+    shuffle_buffer: per-process training shuffle buffer, in examples.
+    data_dir, download: see :func:`tfds_sources.builder`.
+    process_index, process_count: this process and how many read the data.
+    class_counts: the training class counts when already known (a cache);
+      otherwise every process counts the labels of its shard.
+    allgather_sum: sums a per-process ``[C]`` array over processes (needed
+      when ``process_count > 1`` and ``class_counts`` is None).
+  """
+  source = tfds_sources.SOURCES[name]
+  if source.in_memory:
+    raise ValueError(f"{name} is an in-memory data set, not a streaming one.")
+  tfds_builder = tfds_sources.builder(name, data_dir=data_dir, download=download)
+  split_sizes = {"train": _split_size(tfds_builder, source.train_split),
+                 "test": _split_size(tfds_builder, source.test_split)}
+  if source.validation_split:
+    split_sizes["validation"] = _split_size(tfds_builder, source.validation_split)
+  if class_counts is None:
+    start, end = shard_range(split_sizes["train"], process_index, process_count)
+    counts = count_labels(tfds_builder, source.train_split, source.num_classes,
+                          start=start, end=end)
+    if process_count > 1:
+      counts = allgather_sum(counts)
+    class_counts = tuple(int(n) for n in counts)
+  empty = [c for c, n in enumerate(class_counts) if n == 0]
+  if empty:
+    raise ValueError(f"{name}: class {empty[0]} has no training examples "
+                     f"({len(empty)} empty classes in all).")
+  return StreamingData(name=name, tfds_builder=tfds_builder,
+                       class_counts=tuple(class_counts), split_sizes=split_sizes,
+                       image_size=image_size, shuffle_buffer=shuffle_buffer)

@@ -1,0 +1,231 @@
+"""The paper's data sets through tensorflow-datasets.
+
+CIFAR-10/100-LT are built in memory by the LDAM-DRW rule; ImageNet-LT and
+iNaturalist 2018 stream from tfds with their own long-tailed splits (see
+:mod:`har_jax.data.streaming`). Nothing here downloads unless the caller allows
+it, and a data set that is not prepared is one :class:`DataNotPreparedError`
+that says how to prepare it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from har_jax.data.long_tail import long_tail_counts
+from har_jax.data.pipeline import ArrayDataset
+from har_jax.data.pipeline import InMemoryData
+from har_jax.data.pipeline import channel_mean_std
+
+# TensorFlow only reads files here; the accelerators belong to JAX.
+tf.config.set_visible_devices([], "GPU")
+
+# torchvision's ImageNet statistics, the usual choice for both streaming sets.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A tfds data set and how the paper uses its splits.
+
+  Attributes:
+    tfds_name: the tfds builder name.
+    num_classes: C.
+    image_shape: ``(H, W, C)`` of the network input.
+    in_memory: True: loaded whole and kept on the devices; False: streamed.
+    train_split, validation_split, test_split: tfds split names; validation
+      None when the data set has none (CIFAR can hold one out of train).
+    manual_files: files a manual download must place in the manual folder.
+  """
+  tfds_name: str
+  num_classes: int
+  image_shape: Tuple[int, int, int]
+  in_memory: bool
+  train_split: str = "train"
+  validation_split: Optional[str] = None
+  test_split: str = "test"
+  manual_files: Tuple[str, ...] = ()
+
+
+SOURCES = {
+    "cifar10": Source("cifar10", 10, (32, 32, 3), in_memory=True),
+    "cifar100": Source("cifar100", 100, (32, 32, 3), in_memory=True),
+    "imagenet_lt": Source("imagenet_lt", 1000, (224, 224, 3), in_memory=False,
+                          validation_split="validation",
+                          manual_files=("ILSVRC2012_img_train.tar",
+                                        "ILSVRC2012_img_val.tar")),
+    # iNaturalist's test labels are withheld: the literature reports the
+    # validation split, which is therefore the test split here.
+    "i_naturalist2018": Source("i_naturalist2018", 8142, (224, 224, 3),
+                               in_memory=False, test_split="validation"),
+}
+
+
+class DataNotPreparedError(ValueError):
+  """The data set is not in the tfds data directory; the message says how to
+  prepare it."""
+
+
+def manual_dir(data_dir: Optional[str]) -> str:
+  """tfds's manual-download folder for ``data_dir`` (None: tfds's default)."""
+  root = data_dir or os.path.expanduser(
+      os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  return os.path.join(root, "downloads", "manual")
+
+
+def builder(name: str, *, data_dir: Optional[str] = None,
+            download: bool = True) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder of ``name``, preparing it first when allowed.
+
+  Args:
+    name: a key of :data:`SOURCES`.
+    data_dir: tfds data directory; None for tfds's default.
+    download: whether a set that is not prepared may be downloaded and
+      prepared now (tfds then reaches the internet).
+
+  Raises:
+    DataNotPreparedError: it is not prepared and cannot be prepared now; the
+      message names the tfds command or the manual-download folder.
+  """
+  source = SOURCES[name]
+  tfds_builder = tfds.builder(source.tfds_name, data_dir=data_dir)
+  if tfds_builder.is_prepared():
+    return tfds_builder
+  build = (f"tfds build {source.tfds_name}" +
+           (f" --data_dir={data_dir}" if data_dir else ""))
+  manual = manual_dir(data_dir)
+  missing = [f for f in source.manual_files
+             if not os.path.exists(os.path.join(manual, f))]
+  if missing:
+    raise DataNotPreparedError(
+        f"{name} is not prepared in {tfds_builder.data_dir} and needs a manual "
+        f"download: place {' and '.join(source.manual_files)} in {manual} "
+        f"(missing: {', '.join(missing)}), then run `{build} "
+        f"--manual_dir={manual}` or rerun this command.")
+  if not download:
+    raise DataNotPreparedError(
+        f"{name} is not prepared in {tfds_builder.data_dir}: run `{build}` "
+        f"(it downloads the data), or allow the download with "
+        f"--config.tfds_download=True.")
+  try:
+    tfds_builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  except Exception as error:  # tfds raises many kinds; all mean the same here
+    raise DataNotPreparedError(
+        f"{name} could not be downloaded and prepared in "
+        f"{tfds_builder.data_dir} ({type(error).__name__}: {error}). Prepare it "
+        f"with `{build}` on a machine with internet access and copy the data "
+        f"directory here.") from None
+  return tfds_builder
+
+
+def check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+  """Raises ValueError naming the first label outside ``[0, num_classes)``."""
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    first = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{what}: example {first} has label {int(labels[first])}, "
+                     f"outside [0, {num_classes}).")
+
+
+def _read_split(tfds_builder: tfds.core.DatasetBuilder, split: str,
+                num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+  """A whole split as uint8 images ``[N, H, W, C]`` and int32 labels ``[N]``."""
+  dataset = tfds_builder.as_dataset(split=split, shuffle_files=False)
+  dataset = dataset.map(lambda ex: (ex["image"], ex["label"])).batch(4096)
+  images, labels = [], []
+  for image_batch, label_batch in tfds.as_numpy(dataset):
+    images.append(image_batch)
+    labels.append(label_batch)
+  if not labels:
+    raise ValueError(f"{tfds_builder.name}: split {split!r} is empty.")
+  labels = np.concatenate(labels)
+  check_labels(labels, num_classes, f"{tfds_builder.name} {split}")
+  return np.concatenate(images).astype(np.uint8), labels.astype(np.int32)
+
+
+def long_tail_subset(labels: np.ndarray, counts: Sequence[int], seed: int,
+                     held_out_per_class: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+  """The LDAM-DRW long-tailed subset of a balanced training split.
+
+  For each class in order, its indices are shuffled by one
+  ``np.random.RandomState(seed)``; the first ``held_out_per_class`` go to the
+  held-out (validation) split and the next ``counts[class]`` to training.
+
+  Args:
+    labels: ``[N]`` labels of the balanced split.
+    counts: ``[C]`` training examples to keep per class.
+    seed: the subset's seed (LDAM-DRW uses 0).
+    held_out_per_class: validation examples per class, taken first.
+
+  Returns:
+    ``(train_indices, held_out_indices)``, each ordered by class.
+
+  Raises:
+    ValueError: naming a class that has too few examples.
+  """
+  rng = np.random.RandomState(seed)
+  train, held_out = [], []
+  for label, count in enumerate(counts):
+    indices = np.flatnonzero(labels == label)
+    needed = held_out_per_class + count
+    if len(indices) < needed:
+      raise ValueError(f"class {label} has {len(indices)} training examples; "
+                       f"the long tail needs {needed} ({held_out_per_class} "
+                       f"held out + {count}).")
+    rng.shuffle(indices)
+    held_out.append(indices[:held_out_per_class])
+    train.append(indices[held_out_per_class:needed])
+  return np.concatenate(train), np.concatenate(held_out)
+
+
+def load_cifar_lt(name: str, *, imbalance_factor: float, seed: int,
+                  validation_per_class: int = 0, data_dir: Optional[str] = None,
+                  download: bool = True) -> InMemoryData:
+  """CIFAR-10-LT or CIFAR-100-LT in memory, by the LDAM-DRW convention.
+
+  Class i keeps ``int(n_max * (1/rho)**(i/(C-1)))`` training images with
+  ``n_max = N_train / C - validation_per_class`` (5000 with no validation), a
+  seeded random subset of its images (:func:`long_tail_subset`); the test
+  split is the full balanced test set.
+
+  Args:
+    name: ``"cifar10"`` or ``"cifar100"``.
+    imbalance_factor: rho, e.g. 100, 50 or 10.
+    seed: selects the subset (and the validation examples).
+    validation_per_class: balanced validation examples held out of the
+      training images per class, before the long tail is drawn; 0 (the paper's
+      setting) gives no validation split.
+    data_dir, download: see :func:`builder`.
+  """
+  source = SOURCES[name]
+  if not source.in_memory:
+    raise ValueError(f"{name} is a streaming data set, not an in-memory one.")
+  if validation_per_class < 0:
+    raise ValueError(f"validation_per_class must be >= 0, got "
+                     f"{validation_per_class}.")
+  tfds_builder = builder(name, data_dir=data_dir, download=download)
+  images, labels = _read_split(tfds_builder, source.train_split, source.num_classes)
+  test_images, test_labels = _read_split(tfds_builder, source.test_split,
+                                         source.num_classes)
+  n_max = len(labels) // source.num_classes - validation_per_class
+  if n_max < 1:
+    raise ValueError(f"{name}: {validation_per_class} validation examples per "
+                     f"class leave no training examples.")
+  counts = long_tail_counts(n_max, source.num_classes, imbalance_factor)
+  train, held_out = long_tail_subset(labels, counts, seed, validation_per_class)
+  mean, std = channel_mean_std(images[train])
+  return InMemoryData(
+      train=ArrayDataset(images=images[train], labels=labels[train]),
+      validation=(ArrayDataset(images=images[held_out], labels=labels[held_out])
+                  if validation_per_class else None),
+      test=ArrayDataset(images=test_images, labels=test_labels),
+      num_classes=source.num_classes,
+      mean=mean, std=std)
+
