@@ -78,6 +78,27 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def cifar_lt_config(dataset: str) -> ml_collections.ConfigDict:
+  """The paper's CIFAR-LT setting (configs/cifar10_lt.py, configs/cifar100_lt.py):
+  ResNet-32 with exits after stages 1 and 2, HAR(LDAM) + DRW at rho 100 and the
+  LDAM-DRW schedule, which :func:`base_config`'s defaults already are."""
+  config = base_config()
+  config.dataset = dataset
+  config.imbalance_factor = 100.0
+  config.model = "resnet32"
+  config.exits = "CBEBEBE"
+  config.loss = "ldam"
+  config.har = True
+  config.num_epochs = 200
+  config.batch_size = 128
+  config.learning_rate = 0.1
+  config.weight_decay = 2e-4
+  config.warmup_epochs = 5
+  config.lr_decay_epochs = (160, 180)
+  config.drw_start_epoch = 160
+  return config
+
+
 def resolved_head(config: ml_collections.ConfigDict) -> str:
   """The classifier head: ``auto`` means the cosine head for LDAM, linear otherwise."""
   if config.head == "auto":

@@ -22,6 +22,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from har_jax import checkpoint
@@ -138,12 +139,14 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
                       opt_state=tx.init(params), key=state_key)
 
   replicated = sharding.replicated(mesh)
-  shapes = jax.eval_shape(init, config.seed)
+  # A traced seed: runs that differ only in it share the compiled program.
+  seed = np.int32(config.seed)
+  shapes = jax.eval_shape(init, seed)
   if abstract:
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
   out_shardings = jax.tree.map(lambda _: replicated, shapes)
-  return jax.jit(init, static_argnums=0, out_shardings=out_shardings)(config.seed)
+  return jax.jit(init, out_shardings=out_shardings)(seed)
 
 
 def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
@@ -241,12 +244,15 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
     num_train = data.num_train
 
     def train_step_resident(state: TrainState, resident: dict):
+      # The seed is an argument, not a constant, so runs that differ only in
+      # their seed compile to the same program (and share a compilation cache).
       indices = pipeline.train_indices(num_train, step=state.step,
                                        global_batch_size=config.batch_size,
-                                       seed=config.seed)
+                                       seed=resident["seed"])
       # Each device gathers only its own rows of the global batch.
       batch = jax.lax.with_sharding_constraint(
-          {name: values[indices] for name, values in resident.items()}, batched)
+          {"images": resident["images"][indices], "labels": resident["labels"][indices]},
+          batched)
       return train_step(state, batch)
 
     train_resident = jax.jit(train_step_resident, in_shardings=(replicated, replicated),
@@ -414,7 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(sharding.to_host(state.step))
   if steps.train_resident is not None:
     resident = sharding.replicate_host_data(
-        {"images": data.train.images, "labels": data.train.labels}, mesh)
+        {"images": data.train.images, "labels": data.train.labels,
+         "seed": np.int32(config.seed)}, mesh)
     batches = None
   else:
     batches = sharding.prefetch_to_mesh(data.train_batches(

@@ -146,12 +146,12 @@ def train_indices(num_examples: int, *, step, global_batch_size: int,
     num_examples: N.
     step: 0-based global step, an int or a traced int32 scalar.
     global_batch_size: B.
-    seed: non-negative data seed.
+    seed: non-negative data seed, an int or a traced int32 scalar.
 
   Returns:
     ``[B]`` int32 distinct indices into the training split.
   """
-  if isinstance(step, (int, np.integer)) and step < 0 or seed < 0:
+  if any(isinstance(v, (int, np.integer)) and v < 0 for v in (step, seed)):
     raise ValueError(f"train_indices: step and seed must be >= 0, got "
                      f"step={step}, seed={seed}.")
   per_epoch = steps_per_epoch(num_examples, global_batch_size)
