@@ -29,7 +29,7 @@ def get_config():
   config.har_threshold = 0.9
   config.num_epochs = 90
   config.batch_size = 256
-  config.eval_batch_size = 500
+  config.eval_batch_size = 512
   config.learning_rate = 0.1
   config.weight_decay = 5e-4
   config.schedule = "cosine"
