@@ -3,9 +3,6 @@
 Shared by the scripts in this folder that study a finished run
 (``early_exit_benchmark.py``, ``analyze.py``). The run's config is the
 ``config.json`` that ``har_jax.main`` writes into every workdir.
-
-JAX and the trainer are imported only by :func:`load_run`, so that scripts can
-refuse a bad workdir (:func:`check_workdir`) at once.
 """
 
 from __future__ import annotations
@@ -14,6 +11,17 @@ import dataclasses
 import json
 import os
 from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from har_jax import checkpoint
+from har_jax import config as config_lib
+from har_jax import models
+from har_jax import sharding
+from har_jax import train
+from har_jax.data import augment
+from har_jax.data import pipeline
 
 
 class RunError(Exception):
@@ -25,29 +33,27 @@ class TrainedRun:
   """A trained run, restored on one device.
 
   Attributes:
-    config: the run's ``ml_collections.ConfigDict``.
-    data: its ``InMemoryData`` (the same splits as in training).
+    config: the run's configuration.
+    data: its data set (the same splits as in training).
     model: the multi-exit network.
     variables: ``{"params", "batch_stats"}`` of the latest checkpoint.
     step: the training step of that checkpoint.
     summary: the run's ``summary.json``, or None for an unfinished run.
   """
-  config: Any
-  data: Any
-  model: Any
+  config: ml_collections.ConfigDict
+  data: pipeline.InMemoryData
+  model: models.ResNet
   variables: Any
   step: int
   summary: Optional[dict]
 
   @property
   def logit_scale(self) -> float:
-    from har_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     return config_lib.logit_scale(self.config)
 
   @property
   def threshold(self) -> float:
     """The run's inference exit threshold."""
-    from har_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     return config_lib.inference_threshold(self.config)
 
   def exit_logits_fn(self):
@@ -56,8 +62,6 @@ class TrainedRun:
     Normalises inside the program, as the trainer's evaluation step does, so
     the logits (and decisions near a threshold) are those of the evaluation.
     """
-    import jax  # pylint: disable=g-import-not-at-top
-    from har_jax.data import augment  # pylint: disable=g-import-not-at-top
     mean, std, model = self.data.mean, self.data.std, self.model
     return jax.jit(lambda variables, images: model.apply(
         variables, augment.normalize(images, mean, std), train=False))
@@ -84,15 +88,6 @@ def load_run(workdir: str) -> TrainedRun:
     RunError: the workdir is missing, has no config or no readable checkpoint.
   """
   check_workdir(workdir)
-  # pylint: disable=g-import-not-at-top
-  import jax
-  import ml_collections
-  from har_jax import checkpoint
-  from har_jax import config as config_lib
-  from har_jax import sharding
-  from har_jax import train
-  # pylint: enable=g-import-not-at-top
-
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   data = train.load_data(config)
