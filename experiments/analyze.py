@@ -479,6 +479,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   drop = _MAX_ACCURACY_DROP.value
   try:
+    trained_run.check_workdir(workdir)  # one line, before any progress
     run_analysis(workdir, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
                  max_accuracy_drop=None if drop < 0 else drop,
                  flops_budget=_FLOPS_BUDGET.value)
