@@ -50,7 +50,8 @@ USAGE_ERROR = 2
 DEFAULT_THRESHOLDS = np.unique(np.concatenate(
     [np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-6, -2, 9)]))
 
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write; default WORKDIR/analysis.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "Where to write; default WORKDIR/analysis.")
 _MAX_ACCURACY_DROP = flags.DEFINE_float(
     "max_accuracy_drop", 0.01, "Calibrate the threshold that saves the most FLOPs "
     "on the validation split within this accuracy drop (a fraction) from the last "

@@ -72,7 +72,7 @@ def flops_saving(exit_index: Union[Array, np.ndarray],
 
 
 def power_of_two_bucket(count: int, min_bucket: int) -> int:
-  """The padded batch size of ``count`` rows: the next power of two, at least ``min_bucket``."""
+  """Padded batch of ``count`` rows: the next power of two, at least ``min_bucket``."""
   return max(min_bucket, 1 << max(count - 1, 0).bit_length())
 
 
@@ -106,8 +106,8 @@ class Cascade:
       (``models.ResNet``).
     variables: its ``{"params": ..., "batch_stats": ...}``; moved to ``device``.
     logit_scale: the softmax scale of confidences (see :func:`predict`).
-    min_bucket: the smallest padded batch; tiny batches cost about as much as
-      it does on most hardware, and fewer sizes mean fewer programs.
+    min_bucket: the smallest padded batch: smaller ones would hardly run faster
+      on most hardware, and fewer sizes mean fewer programs.
     device: where to run; default the first local device.
   """
 
@@ -147,7 +147,8 @@ class Cascade:
       ``(features [b, ...], confident [b] bool, predictions [b] int32)``; the
       last segment returns None for the first two.
     """
-    self._traces.append((index, x.shape[0], x.shape[0] if rows is None else rows.shape[0]))
+    rows_out = x.shape[0] if rows is None else rows.shape[0]
+    self._traces.append((index, x.shape[0], rows_out))
     if rows is not None:
       # The gather runs in the segment's program: no separate dispatch, and XLA
       # can fuse it into the first convolution's input.
@@ -228,9 +229,9 @@ class ThresholdCurve(NamedTuple):
   final_exit_accuracy: float
 
 
-def threshold_curve(exit_logits: Union[np.ndarray, Array], labels: Union[np.ndarray, Array],
-                    thresholds: Sequence[float], exit_flops: Sequence[float],
-                    backbone_flops: float, *,
+def threshold_curve(exit_logits: Union[np.ndarray, Array],
+                    labels: Union[np.ndarray, Array], thresholds: Sequence[float],
+                    exit_flops: Sequence[float], backbone_flops: float, *,
                     logit_scale: float = 1.0) -> ThresholdCurve:
   """Accuracy against FLOPs saving over thresholds, from every exit's logits.
 

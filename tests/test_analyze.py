@@ -218,6 +218,8 @@ def test_benchmark_reports_json(workdir):
     summary = json.load(f)
   assert report["cascade_matches_predict"] is True
   assert report["flops_saving"] == pytest.approx(summary["flops_saving"], abs=1e-6)
+  # Each batch of 100 is padded to 128 rows: computed, but not saved.
+  assert report["flops_saving_padded"] < report["flops_saving"]
   assert report["exit_fraction"] == pytest.approx(summary["exit_fraction"], abs=1e-6)
   assert report["wall_saving"] == pytest.approx(
       1 - report["median_ms"]["cascade"] / report["median_ms"]["full"])

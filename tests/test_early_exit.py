@@ -252,3 +252,15 @@ def test_calibrate_threshold_needs_one_target():
     early_exit.calibrate_threshold(curve)
   with pytest.raises(ValueError, match="exactly one"):
     early_exit.calibrate_threshold(curve, max_accuracy_drop=0.1, flops_budget=0.5)
+
+
+def test_cascade_single_exit_network():
+  model = models.resnet8(5, exits="CBBBE")
+  images = np.random.default_rng(7).normal(size=(6, 8, 8, 1)).astype(np.float32)
+  variables = _random_variables(model, images, seed=8)
+  logits = np.asarray(model.apply(variables, images, train=False))
+  cascade = early_exit.Cascade(model, variables, min_bucket=8)
+  predictions, exits = cascade(images, threshold=0.0)
+  np.testing.assert_array_equal(predictions, logits[0].argmax(-1))
+  np.testing.assert_array_equal(exits, np.zeros(6))
+  assert cascade.compiled_shapes == [(0, 6, 8)]
