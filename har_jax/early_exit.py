@@ -181,7 +181,7 @@ class Cascade:
     if batch == 0:
       return predictions, exit_index
     x = jax.device_put(images, self._device)
-    threshold = jax.device_put(np.float32(threshold), self._device)
+    threshold = np.float32(threshold)  # a scalar argument: no transfer of its own
     live = np.arange(batch)  # which example each row of x belongs to
     rows = None if self._bucket(batch) == batch else self._padded(live)
     for index in range(self._num_exits):
