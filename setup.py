@@ -34,6 +34,8 @@ setuptools.setup(
         "tensorboard>=2.18",
         # The offline default data set (handwritten digits shipped in the wheel).
         "scikit-learn>=1.3",
+        # The plots of experiments/analyze.py.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -380,6 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.create_mesh() if mesh is None else mesh
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:  # experiments/ rebuild the model and data from it
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   try:
     data = load_data(config, workdir=workdir)
     steps_per_epoch = pipeline.steps_per_epoch(data.num_train, config.batch_size)
