@@ -90,14 +90,21 @@ def load_run(workdir: str) -> TrainedRun:
   check_workdir(workdir)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
-  data = train.load_data(config)
+  try:
+    data = train.load_data(config, workdir=workdir)
+  except ValueError as error:
+    raise RunError(f"{config.dataset}: {error}") from None
+  if not isinstance(data, pipeline.InMemoryData):
+    raise RunError(f"{config.dataset} streams from tfds; the analyses and the "
+                   f"inference benchmark hold a split in memory and support the "
+                   f"in-memory data sets {list(config_lib.IN_MEMORY_DATASETS)}.")
   model = config_lib.create_model(config, data.num_classes)
   mesh = sharding.create_mesh(jax.local_devices()[:1])
   # The checkpoint holds the optimizer's state too; its structure, not the
   # schedule's values, is what the restore target must match.
   tx = train.create_optimizer(config, train.learning_rate_fn(config, 1, 1))
-  abstract = train.create_train_state(config, model, tx, data.train.images.shape[1:],
-                                      mesh, abstract=True)
+  abstract = train.create_train_state(config, model, tx, data.image_shape, mesh,
+                                      abstract=True)
   checkpoints = os.path.join(workdir, "checkpoints")
   checkpointer = checkpoint.Checkpointer(checkpoints)
   try:
