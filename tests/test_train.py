@@ -175,3 +175,26 @@ def test_core_imports_and_runs_without_tensorflow():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "core ok" in result.stdout
+
+
+def test_resident_step_trains_on_the_batches_the_host_would_gather():
+  config = runs.small_config()
+  mesh = sharding.create_mesh()
+  data, _, steps, state, _ = _setup(config, mesh)
+  resident = sharding.replicate_host_data(
+      {"images": data.train.images, "labels": data.train.labels,
+       "seed": np.int32(config.seed)}, mesh)
+  host_state = jax.device_put(sharding.to_host(state), sharding.replicated(mesh))
+  # Steps 0 and 7 (the first of epoch 1, a new permutation).
+  for step in (0, 7):
+    state = state.replace(step=jnp.int32(step))
+    host_state = host_state.replace(step=jnp.int32(step))
+    local = pipeline.train_batch(data.train, step=step,
+                                 global_batch_size=config.batch_size, seed=config.seed)
+    state, on_device = steps.train_resident(state, resident)
+    host_state, on_host = steps.train(host_state, sharding.global_batch(local, mesh))
+    np.testing.assert_allclose(on_device.loss.compute(), on_host.loss.compute(),
+                               rtol=1e-6, err_msg=f"loss of step {step}")
+    for a, b in zip(jax.tree.leaves(sharding.to_host(state.params)),
+                    jax.tree.leaves(sharding.to_host(host_state.params))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
