@@ -161,8 +161,6 @@ def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
   start = time.perf_counter()
   compiled = steps.train.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  if os.environ.get("HAR_BENCHMARK_HLO"):
-    with open(os.environ["HAR_BENCHMARK_HLO"], "w") as f: f.write(compiled.as_text())
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
