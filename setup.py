@@ -39,5 +39,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # experiments/compare_torch.py: the PyTorch reference step (CPU build).
+        "torch": ["torch==2.13.0"],
     },
 )

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from har_jax import models
+from har_jax.data import specs as data_specs
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet_lt", "i_naturalist2018")
+DATASETS = tuple(data_specs.DATASET_SPECS)
 # Kept on the devices whole; the others stream from tfds (har_jax.data.streaming).
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
 LOSSES = ("ce", "focal", "ldam")

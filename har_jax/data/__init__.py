@@ -16,3 +16,6 @@ from har_jax.data.pipeline import num_eval_batches
 from har_jax.data.pipeline import steps_per_epoch
 from har_jax.data.pipeline import train_batch
 from har_jax.data.pipeline import train_indices
+from har_jax.data.specs import DATASET_SPECS
+from har_jax.data.specs import DatasetSpec
+from har_jax.data.specs import dataset_spec

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax.data import specs
 from har_jax.data.long_tail import long_tail_counts
 from har_jax.data.pipeline import ArrayDataset
 from har_jax.data.pipeline import InMemoryData
@@ -35,35 +36,40 @@ class Source:
   """A tfds data set and how the paper uses its splits.
 
   Attributes:
-    tfds_name: the tfds builder name.
-    num_classes: C.
-    image_shape: ``(H, W, C)`` of the network input.
+    tfds_name: the tfds builder name, also the data set's name in configs.
     in_memory: True: loaded whole and kept on the devices; False: streamed.
     train_split, validation_split, test_split: tfds split names; validation
       None when the data set has none (CIFAR can hold one out of train).
     manual_files: files a manual download must place in the manual folder.
   """
   tfds_name: str
-  num_classes: int
-  image_shape: Tuple[int, int, int]
   in_memory: bool
   train_split: str = "train"
   validation_split: Optional[str] = None
   test_split: str = "test"
   manual_files: Tuple[str, ...] = ()
 
+  @property
+  def num_classes(self) -> int:
+    return specs.dataset_spec(self.tfds_name).num_classes
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    """``(H, W, C)`` of the stored images (in memory) or the default input."""
+    return specs.dataset_spec(self.tfds_name).image_shape
+
 
 SOURCES = {
-    "cifar10": Source("cifar10", 10, (32, 32, 3), in_memory=True),
-    "cifar100": Source("cifar100", 100, (32, 32, 3), in_memory=True),
-    "imagenet_lt": Source("imagenet_lt", 1000, (224, 224, 3), in_memory=False,
+    "cifar10": Source("cifar10", in_memory=True),
+    "cifar100": Source("cifar100", in_memory=True),
+    "imagenet_lt": Source("imagenet_lt", in_memory=False,
                           validation_split="validation",
                           manual_files=("ILSVRC2012_img_train.tar",
                                         "ILSVRC2012_img_val.tar")),
     # iNaturalist's test labels are withheld: the literature reports the
     # validation split, which is therefore the test split here.
-    "i_naturalist2018": Source("i_naturalist2018", 8142, (224, 224, 3),
-                               in_memory=False, test_split="validation"),
+    "i_naturalist2018": Source("i_naturalist2018", in_memory=False,
+                               test_split="validation"),
 }
 
 

@@ -1,0 +1,63 @@
+"""experiments/benchmark.py: a few steps of a tiny config, run as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests import runs
+
+BENCHMARK = os.path.join(runs.REPO, "experiments", "benchmark.py")
+
+# Runs the benchmark as a script with TensorFlow made unimportable, as on an
+# accelerator image without it.
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+
+class BlockTensorFlow:
+  def find_spec(self, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      raise ImportError("TensorFlow is blocked in this test")
+    return None
+
+sys.meta_path.insert(0, BlockTensorFlow())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+TINY = ["--config.model=resnet8", "--config.batch_size=16", "--steps=2", "--warmup=1"]
+
+
+def run_benchmark(*args):
+  env = dict(os.environ, PYTHONPATH=runs.REPO)
+  result = subprocess.run(
+      [sys.executable, "-c", WITHOUT_TENSORFLOW, BENCHMARK,
+       f"--config={runs.DEFAULT_CONFIG}", *TINY, *args],
+      capture_output=True, text=True, timeout=600, env=env, cwd=runs.REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_reports_the_step_as_json_without_tensorflow():
+  report = run_benchmark()
+  for field in ("images_per_sec", "step_ms", "compile_s", "images_per_sec_per_device",
+                "flops_per_sec", "macs_per_image"):
+    assert report[field] > 0, (field, report)
+  assert report["batch_size"] == 16
+  assert report["devices"] >= 1
+  assert report["timed_steps"] == 2
+  assert report["image_shape"] == [8, 8, 1]  # the digits spec
+  assert abs(report["images_per_sec"] - 16e3 / report["step_ms"]) < 1e-6 * report[
+      "images_per_sec"]
+  # 6 FLOPs per MAC and image: forward, input and weight gradients.
+  assert report["train_flops_per_step"] == 6 * 16 * report["macs_per_image"]
+
+
+def test_against_times_a_second_config_in_the_same_run():
+  report = run_benchmark("--against=har=False", "--image_shape=16,16,3",
+                         "--num_classes=5")
+  assert report["image_shape"] == [16, 16, 3] and report["num_classes"] == 5
+  assert report["against"]["overrides"] == ["har=False"]
+  assert report["against"]["step_ms"] > 0
+  assert abs(report["step_ratio"] - report["step_ms"] / report["against"]["step_ms"]
+             ) < 1e-9
