@@ -54,7 +54,6 @@ flags.DEFINE_list("overrides", [], "Extra FIELD=VALUE config overrides for every
                   "e.g. num_epochs=10.")
 flags.DEFINE_bool("smoke", False, "Run the whole grid for a few steps on mock data "
                   "(no download) to check that everything runs.")
-flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
 
@@ -204,4 +203,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Here, not at import: tests import this module beside other flag users.
+  flags.mark_flag_as_required("workdir")
   app.run(main)
