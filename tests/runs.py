@@ -38,3 +38,18 @@ def config_flags(**overrides):
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
   return [f"--config={DEFAULT_CONFIG}"] + [
       f"--config.{name}={text(value)}" for name, value in {**SMALL, **overrides}.items()]
+
+
+# Prepended to a script run with `python -c`: makes TensorFlow unimportable, as
+# on an accelerator image without it.
+BLOCK_TENSORFLOW = """
+import sys
+
+class BlockTensorFlow:
+  def find_spec(self, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      raise ImportError("TensorFlow is blocked in this test")
+    return None
+
+sys.meta_path.insert(0, BlockTensorFlow())
+"""

@@ -11,16 +11,8 @@ BENCHMARK = os.path.join(runs.REPO, "experiments", "benchmark.py")
 
 # Runs the benchmark as a script with TensorFlow made unimportable, as on an
 # accelerator image without it.
-WITHOUT_TENSORFLOW = """
-import runpy, sys
-
-class BlockTensorFlow:
-  def find_spec(self, name, path=None, target=None):
-    if name == "tensorflow" or name.startswith("tensorflow."):
-      raise ImportError("TensorFlow is blocked in this test")
-    return None
-
-sys.meta_path.insert(0, BlockTensorFlow())
+WITHOUT_TENSORFLOW = runs.BLOCK_TENSORFLOW + """
+import runpy
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

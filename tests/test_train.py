@@ -146,16 +146,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(host.params))
 
 
-CORE_WITHOUT_TENSORFLOW = """
-import sys
-
-class BlockTensorFlow:
-  def find_spec(self, name, path=None, target=None):
-    if name == "tensorflow" or name.startswith("tensorflow."):
-      raise ImportError("TensorFlow is blocked in this test")
-    return None
-
-sys.meta_path.insert(0, BlockTensorFlow())
+CORE_WITHOUT_TENSORFLOW = runs.BLOCK_TENSORFLOW + """
 import jax, jax.numpy as jnp, numpy as np
 from har_jax import early_exit, losses, models, sharding, train
 from har_jax.data import pipeline
