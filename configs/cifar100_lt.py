@@ -1,16 +1,7 @@
-"""CIFAR-100-LT, the paper's setting: ResNet-32 with exits after stages 1 and 2,
-HAR(LDAM) + DRW, 200 epochs of SGD (batch 128, lr 0.1, momentum 0.9, weight decay
-2e-4, 5 warm-up epochs, lr x0.01 at epoch 160 and again at 180, DRW from epoch 160).
+"""CIFAR-100-LT, the paper's setting: that of configs/cifar10_lt.py (which lists
+the flags for every row of the tables) on CIFAR-100.
 
   python -m har_jax.main --config=configs/cifar100_lt.py --workdir=runs/c100_r100
-
-The rows of the paper's tables differ only in flags:
-  --config.imbalance_factor=100|50|10
-  --config.loss=ce|focal|ldam         (ldam pairs with the cosine head)
-  --config.har=False                  (every exit trains on every example)
-  --config.drw_start_epoch=-1         (no deferred re-weighting)
-  --config.exits=CBBBE                (the single-exit baseline), CBEBEBE, CEBEBEBE
-tfds downloads CIFAR-100 on first use (--config.tfds_download=False forbids it).
 """
 
 from har_jax import config as config_lib

@@ -39,9 +39,9 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from har_jax import early_exit
+from har_jax import metrics
 from har_jax import models
 from har_jax.data import long_tail
-from har_jax.data.long_tail import SHOT_GROUP_NAMES
 import trained_run
 
 USAGE_ERROR = 2
@@ -158,10 +158,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
       test_logits, threshold=threshold, logit_scale=logit_scale))
   class_accuracy = per_class_accuracy(predictions, test_labels, num_classes)
   by_group = exit_fraction_by_group(exit_index, test_labels, groups, num_exits)
-  group_accuracy = {}
-  for group, name in enumerate(SHOT_GROUP_NAMES):
-    members = class_accuracy[(groups == group) & ~np.isnan(class_accuracy)]
-    group_accuracy[name] = float(members.mean()) if members.size else None
+  group_accuracy = metrics.shot_group_accuracy(class_accuracy, groups)
 
   numbers = {
       "threshold": float(threshold),
@@ -171,7 +168,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
       "backbone_flops": float(backbone_flops),
       "class_counts": [int(n) for n in class_counts],
       "class_order": class_order(class_counts).tolist(),
-      "shot_groups": [SHOT_GROUP_NAMES[g] for g in groups],
+      "shot_groups": [long_tail.SHOT_GROUP_NAMES[g] for g in groups],
       "test": {
           "examples": int(test_labels.size),
           "accuracy": float(np.mean(predictions == test_labels)),
@@ -186,7 +183,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
                   exit_index, test_labels, num_classes, num_exits)],
           "exit_fraction_by_group": {
               name: _nan_to_none(by_group[group])
-              for group, name in enumerate(SHOT_GROUP_NAMES)},
+              for group, name in enumerate(long_tail.SHOT_GROUP_NAMES)},
       },
   }
 
@@ -311,7 +308,7 @@ def plot_all(numbers: dict, output: str) -> list[str]:
   class_accuracy = np.array([np.nan if a is None else a
                              for a in test["per_class_accuracy"]])
   groups = numbers["shot_groups"]
-  for name, color in zip(SHOT_GROUP_NAMES, ("tab:blue", "tab:orange", "tab:red")):
+  for name, color in zip(long_tail.SHOT_GROUP_NAMES, ("tab:blue", "tab:orange", "tab:red")):
     members = [c for c in range(len(counts)) if groups[c] == name]
     if members:
       ax.scatter([counts[c] for c in members], class_accuracy[members], color=color,
@@ -411,11 +408,14 @@ def _progress(message: str) -> None:
   print(f"analyze: {message}", file=sys.stderr, flush=True)
 
 
-def split_logits(run: trained_run.TrainedRun, images: np.ndarray, batch_size: int,
+def split_logits(logits_fn, variables, images: np.ndarray, batch_size: int,
                  name: str) -> np.ndarray:
-  """``[E, N, C]`` exit logits of uint8 ``images``, in batches of one size."""
-  logits_fn = run.exit_logits_fn()
-  variables = jax.device_put(run.variables, jax.local_devices()[0])
+  """``[E, N, C]`` exit logits of uint8 ``images``, in batches of one size.
+
+  Args:
+    logits_fn: ``TrainedRun.exit_logits_fn()``.
+    variables: the run's variables, on the device ``logits_fn`` runs on.
+  """
   parts = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
@@ -440,12 +440,14 @@ def run_analysis(workdir: str, output: Optional[str] = None, *, batch_size: int 
   _progress(f"restoring the latest checkpoint of {workdir}")
   run = trained_run.load_run(workdir)
   data = run.data
-  test_logits = split_logits(run, data.test.images, batch_size, "test")
+  logits_fn = run.exit_logits_fn()
+  variables = jax.device_put(run.variables, jax.local_devices()[0])
+  test_logits = split_logits(logits_fn, variables, data.test.images, batch_size, "test")
   validation_logits = None
   if data.validation is not None:
-    validation_logits = split_logits(run, data.validation.images, batch_size,
-                                     "validation")
-  flops = models.exit_flops(run.model, data.test.images.shape[1:])
+    validation_logits = split_logits(logits_fn, variables, data.validation.images,
+                                     batch_size, "validation")
+  flops = models.exit_flops(run.model, data.image_shape)
   _progress("computing the numbers")
   numbers = analysis_numbers(
       test_logits, data.test.labels, validation_logits=validation_logits,

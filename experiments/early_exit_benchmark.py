@@ -86,8 +86,9 @@ def padded_flops_saving(exit_index: np.ndarray, flops: models.ExitFlops,
     exit_index: ``[K, B]`` exit of every example of K batches.
   """
   spent = 0.0
+  costs = np.add(flops.segments, flops.heads)
   for exits in exit_index:
-    for segment, cost in enumerate(np.add(flops.segments, flops.heads)):
+    for segment, cost in enumerate(costs):
       going_on = int(np.sum(exits >= segment))
       if going_on:
         spent += early_exit.power_of_two_bucket(going_on, min_bucket) * cost
@@ -126,7 +127,7 @@ def main(argv):
   variables = jax.device_put(run.variables, device)
   batches = test_batches(run, _BATCH_SIZE.value, device)
   model = run.model
-  flops = models.exit_flops(model, run.data.test.images.shape[1:])
+  flops = models.exit_flops(model, run.data.image_shape)
 
   cascade = early_exit.Cascade(model, variables, logit_scale=run.logit_scale,
                                min_bucket=_MIN_BUCKET.value, device=device)
@@ -158,7 +159,8 @@ def main(argv):
   seconds = {name: [] for name in names}
   for repeat in range(_REPEATS.value):
     # Rotating the order spreads any drift of a shared machine over every method.
-    for name in names[repeat % 3:] + names[:repeat % 3]:
+    first = repeat % len(names)
+    for name in names[first:] + names[:first]:
       seconds[name].append(timed_pass(methods[name], batches))
     if (repeat + 1) % 5 == 0 or repeat + 1 == _REPEATS.value:
       _progress(f"repeat {repeat + 1}/{_REPEATS.value}: " + ", ".join(

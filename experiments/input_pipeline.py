@@ -70,9 +70,7 @@ def time_in_memory(batch_size: int, steps: int) -> dict:
   schedule = train.learning_rate_fn(config, per_epoch, 10 * per_epoch)
   tx = train.create_optimizer(config, schedule)
   steps_fns = train.make_steps(config, model, tx, data, mesh, per_epoch, schedule)
-  resident = sharding.replicate_host_data(
-      {"images": data.train.images, "labels": data.train.labels,
-       "seed": np.int32(config.seed)}, mesh)
+  resident = train.resident_training_split(data, config, mesh)
   state = train.create_train_state(config, model, tx, data.image_shape, mesh)
 
   def resident_step(state, step):

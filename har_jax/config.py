@@ -17,7 +17,7 @@ DATASETS = tuple(data_specs.DATASET_SPECS)
 # Kept on the devices whole; the others stream from tfds (har_jax.data.streaming).
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
 LOSSES = ("ce", "focal", "ldam")
-HEAD_CHOICES = ("auto", "linear", "normed")  # models.HEADS plus "auto"
+HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
 
@@ -81,22 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 def cifar_lt_config(dataset: str) -> ml_collections.ConfigDict:
   """The paper's CIFAR-LT setting (configs/cifar10_lt.py, configs/cifar100_lt.py):
-  ResNet-32 with exits after stages 1 and 2, HAR(LDAM) + DRW at rho 100 and the
-  LDAM-DRW schedule, which :func:`base_config`'s defaults already are."""
+  HAR(LDAM) + DRW on :func:`base_config`, whose defaults are already ResNet-32
+  with exits after stages 1 and 2, rho 100 and the LDAM-DRW schedule."""
   config = base_config()
   config.dataset = dataset
-  config.imbalance_factor = 100.0
-  config.model = "resnet32"
-  config.exits = "CBEBEBE"
   config.loss = "ldam"
-  config.har = True
-  config.num_epochs = 200
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.weight_decay = 2e-4
-  config.warmup_epochs = 5
-  config.lr_decay_epochs = (160, 180)
-  config.drw_start_epoch = 160
   return config
 
 

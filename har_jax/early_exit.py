@@ -229,6 +229,12 @@ class ThresholdCurve(NamedTuple):
   final_exit_accuracy: float
 
 
+# predict at each of T thresholds: ([E, N, C], [T], scale) -> ([T, N], [T, N]).
+# Module level, so every curve of the same shapes reuses one compiled program.
+_decide_per_threshold = jax.jit(jax.vmap(
+    lambda z, t, s: predict(z, threshold=t, logit_scale=s), in_axes=(None, 0, None)))
+
+
 def threshold_curve(exit_logits: Union[np.ndarray, Array],
                     labels: Union[np.ndarray, Array], thresholds: Sequence[float],
                     exit_flops: Sequence[float], backbone_flops: float, *,
@@ -255,10 +261,8 @@ def threshold_curve(exit_logits: Union[np.ndarray, Array],
   num_exits = exit_logits.shape[0]
   if len(exit_flops) != num_exits:
     raise ValueError(f"exit_flops has {len(exit_flops)} entries for {num_exits} exits.")
-  decide = jax.jit(jax.vmap(
-      lambda z, t: predict(z, threshold=t, logit_scale=logit_scale), in_axes=(None, 0)))
-  predictions, exit_index = jax.device_get(
-      decide(exit_logits, thresholds.astype(np.float32)))
+  predictions, exit_index = jax.device_get(_decide_per_threshold(
+      exit_logits, thresholds.astype(np.float32), np.float32(logit_scale)))
   spent = np.asarray(exit_flops, np.float64)[exit_index].mean(axis=1)  # [T]
   exit_fraction = np.stack([(exit_index == i).mean(axis=1) for i in range(num_exits)],
                            axis=1)

@@ -74,7 +74,7 @@ def main(argv):
                                     _PROCESS_ID.value)
     config_lib.validate(config, num_devices=jax.device_count(),
                         num_processes=jax.process_count())
-  except (config_lib.ConfigError, ValueError) as error:
+  except ValueError as error:  # config.ConfigError among them
     _usage_error(str(error))
   if logging.get_verbosity() <= logging.INFO:
     _quiet_libraries()

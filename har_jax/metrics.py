@@ -71,6 +71,18 @@ class EvalMetrics(clu_metrics.Collection):
   exit_fraction: PerIndexAverage.from_output("exit_onehot")         # [B, E]
 
 
+def shot_group_accuracy(class_accuracy, shot_groups: Sequence[int]) -> dict:
+  """Mean per-class accuracy of each shot group (``many``, ``medium``, ``few``);
+  None for a group with no class that has test examples (NaN accuracy)."""
+  class_accuracy = np.asarray(class_accuracy, np.float64)
+  groups = np.asarray(shot_groups)
+  accuracy = {}
+  for group, name in enumerate(SHOT_GROUP_NAMES):
+    members = class_accuracy[(groups == group) & ~np.isnan(class_accuracy)]
+    accuracy[name] = float(members.mean()) if members.size else None
+  return accuracy
+
+
 def evaluation_summary(computed: Mapping[str, Any], shot_groups: Sequence[int],
                        exit_flops: Sequence[float], backbone_flops: float) -> dict:
   """Turns computed EvalMetrics into the numbers a run reports.
@@ -86,12 +98,8 @@ def evaluation_summary(computed: Mapping[str, Any], shot_groups: Sequence[int],
     group, None for an empty group), ``per_exit_accuracy``, ``exit_fraction``,
     ``flops_saving``.
   """
-  class_accuracy = np.asarray(computed["class_accuracy"], np.float64)
-  groups = np.asarray(shot_groups)
-  summary = {"accuracy": float(computed["accuracy"])}
-  for group, name in enumerate(SHOT_GROUP_NAMES):
-    members = class_accuracy[(groups == group) & ~np.isnan(class_accuracy)]
-    summary[name] = float(members.mean()) if members.size else None
+  summary = {"accuracy": float(computed["accuracy"]),
+             **shot_group_accuracy(computed["class_accuracy"], shot_groups)}
   exit_fraction = np.asarray(computed["exit_fraction"], np.float64)
   summary["per_exit_accuracy"] = [float(a) for a in computed["per_exit_accuracy"]]
   summary["exit_fraction"] = [float(f) for f in exit_fraction]

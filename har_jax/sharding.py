@@ -150,9 +150,7 @@ def to_host(tree: Any) -> Any:
   every process (a collective: all processes must call this together).
   """
   def fetch(x):
-    if not isinstance(x, jax.Array):
-      return np.asarray(x)
-    if x.is_fully_addressable:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
       return np.asarray(x)
     if x.is_fully_replicated:
       return np.asarray(x.addressable_data(0))

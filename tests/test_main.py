@@ -94,10 +94,6 @@ class _Background:
   def wait(self):
     return self.process.wait(timeout=TIMEOUT_S)
 
-  def stdout(self):
-    with open(self.stdout_path, encoding="utf-8", errors="replace") as f:
-      return f.read()
-
   def stderr(self):
     with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
       return f.read()

@@ -99,8 +99,7 @@ def test_shard_ranges_cover_every_example_once():
 def _streaming(name, process_index=0, process_count=1, **kwargs):
   return streaming.load_streaming(name, image_size=32, shuffle_buffer=64,
                                   process_index=process_index,
-                                  process_count=process_count,
-                                  allgather_sum=lambda counts: counts, **kwargs)
+                                  process_count=process_count, **kwargs)
 
 
 @pytest.mark.parametrize("name, num_classes, splits", [

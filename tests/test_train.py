@@ -172,9 +172,7 @@ def test_resident_step_trains_on_the_batches_the_host_would_gather():
   config = runs.small_config()
   mesh = sharding.create_mesh()
   data, _, steps, state, _ = _setup(config, mesh)
-  resident = sharding.replicate_host_data(
-      {"images": data.train.images, "labels": data.train.labels,
-       "seed": np.int32(config.seed)}, mesh)
+  resident = train.resident_training_split(data, config, mesh)
   host_state = jax.device_put(sharding.to_host(state), sharding.replicated(mesh))
   # Steps 0 and 7 (the first of epoch 1, a new permutation).
   for step in (0, 7):

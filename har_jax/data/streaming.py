@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from har_jax import sharding
 from har_jax.data import tfds_sources
 from har_jax.data.pipeline import num_eval_batches
 from har_jax.data.pipeline import steps_per_epoch
@@ -252,8 +253,7 @@ def count_labels(tfds_builder: tfds.core.DatasetBuilder, split: str,
 def load_streaming(name: str, *, image_size: int = 224, shuffle_buffer: int = 10_000,
                    data_dir: Optional[str] = None, download: bool = True,
                    process_index: int = 0, process_count: int = 1,
-                   class_counts: Optional[Tuple[int, ...]] = None,
-                   allgather_sum=None) -> StreamingData:
+                   class_counts: Optional[Tuple[int, ...]] = None) -> StreamingData:
   """ImageNet-LT or iNaturalist 2018 as a :class:`StreamingData`.
 
   Args:
@@ -263,9 +263,8 @@ def load_streaming(name: str, *, image_size: int = 224, shuffle_buffer: int = 10
     data_dir, download: see :func:`tfds_sources.builder`.
     process_index, process_count: this process and how many read the data.
     class_counts: the training class counts when already known (a cache);
-      otherwise every process counts the labels of its shard.
-    allgather_sum: sums a per-process ``[C]`` array over processes (needed
-      when ``process_count > 1`` and ``class_counts`` is None).
+      otherwise every process counts the labels of its shard and the counts
+      are summed over the processes.
   """
   source = tfds_sources.SOURCES[name]
   if source.in_memory:
@@ -280,7 +279,7 @@ def load_streaming(name: str, *, image_size: int = 224, shuffle_buffer: int = 10
     counts = count_labels(tfds_builder, source.train_split, source.num_classes,
                           start=start, end=end)
     if process_count > 1:
-      counts = allgather_sum(counts)
+      counts = sharding.allgather_sum(counts)
     class_counts = tuple(int(n) for n in counts)
   empty = [c for c, n in enumerate(class_counts) if n == 0]
   if empty:

@@ -251,43 +251,31 @@ def _build(module_def: ModuleDef, model_name: str, num_classes: int, exits: str,
   return model
 
 
-def resnet8(num_classes: int, exits: str = "CBEBEBE", head: str = "linear",
-            dtype: Any = jnp.float32) -> ResNet:
-  """CIFAR ResNet-8 (one BasicBlock per stage), for fast tests."""
-  return _build(ResNet8, "resnet8", num_classes, exits, head, dtype)
+def _factory(module_def: ModuleDef, name: str, default_exits: str, doc: str):
+  """The public constructor of one variant, with its own name and docstring."""
+  def factory(num_classes: int, exits: str = default_exits, head: str = "linear",
+              dtype: Any = jnp.float32) -> ResNet:
+    return _build(module_def, name, num_classes, exits, head, dtype)
+  factory.__name__ = factory.__qualname__ = name
+  factory.__doc__ = doc
+  return factory
 
 
-def resnet20(num_classes: int, exits: str = "CBEBEBE", head: str = "linear",
-             dtype: Any = jnp.float32) -> ResNet:
-  """CIFAR ResNet-20 (0.27 M parameters, 41 M MACs at 32x32)."""
-  return _build(ResNet20, "resnet20", num_classes, exits, head, dtype)
+resnet8 = _factory(ResNet8, "resnet8", "CBEBEBE",
+                   "CIFAR ResNet-8 (one BasicBlock per stage), for fast tests.")
+resnet20 = _factory(ResNet20, "resnet20", "CBEBEBE",
+                    "CIFAR ResNet-20 (0.27 M parameters, 41 M MACs at 32x32).")
+resnet32 = _factory(ResNet32, "resnet32", "CBEBEBE",
+                    "CIFAR ResNet-32 of LDAM-DRW (0.46 M parameters, 69 M MACs at 32x32).")
+resnet50 = _factory(ResNet50, "resnet50", "CBBBBE",
+                    "torchvision ResNet-50 (25.6 M parameters, 4.1 G MACs at 224x224).")
+resnext50_32x4d = _factory(
+    ResNeXt50_32x4d, "resnext50_32x4d", "CBBBBE",
+    "torchvision ResNeXt-50 32x4d (25.0 M parameters, 4.2 G MACs at 224x224).")
 
 
-def resnet32(num_classes: int, exits: str = "CBEBEBE", head: str = "linear",
-             dtype: Any = jnp.float32) -> ResNet:
-  """CIFAR ResNet-32 of LDAM-DRW (0.46 M parameters, 69 M MACs at 32x32)."""
-  return _build(ResNet32, "resnet32", num_classes, exits, head, dtype)
-
-
-def resnet50(num_classes: int, exits: str = "CBBBBE", head: str = "linear",
-             dtype: Any = jnp.float32) -> ResNet:
-  """torchvision ResNet-50 (25.6 M parameters, 4.1 G MACs at 224x224)."""
-  return _build(ResNet50, "resnet50", num_classes, exits, head, dtype)
-
-
-def resnext50_32x4d(num_classes: int, exits: str = "CBBBBE", head: str = "linear",
-                    dtype: Any = jnp.float32) -> ResNet:
-  """torchvision ResNeXt-50 32x4d (25.0 M parameters, 4.2 G MACs at 224x224)."""
-  return _build(ResNeXt50_32x4d, "resnext50_32x4d", num_classes, exits, head, dtype)
-
-
-_FACTORIES = {
-    "resnet8": resnet8,
-    "resnet20": resnet20,
-    "resnet32": resnet32,
-    "resnet50": resnet50,
-    "resnext50_32x4d": resnext50_32x4d,
-}
+_FACTORIES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet50,
+                                        resnext50_32x4d)}
 MODEL_NAMES = tuple(_FACTORIES)
 
 
