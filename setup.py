@@ -15,6 +15,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=setuptools.find_packages(include=["har_jax", "har_jax.*"]),
+    # The CPU convolution kernels' source, compiled on first use (har_jax/cpu_conv.py).
+    package_data={"har_jax": ["csrc/*.cc"]},
     python_requires=">=3.11",
     install_requires=[
         # The core: losses, models, the train step.

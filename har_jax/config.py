@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from har_jax import cpu_conv
 from har_jax import models
 from har_jax.data import specs as data_specs
 
@@ -48,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.exits = "CBEBEBE"          # C stem, B stage, E exit (the paper's notation)
   config.head = "auto"              # linear | normed | auto (normed for LDAM)
   config.dtype = "float32"          # computation dtype; parameters stay float32
+  config.conv_impl = "auto"         # auto | native | xla: float32 convolutions on one
+                                    # CPU device run on har_jax's kernels (auto: when
+                                    # they build), else on XLA's (har_jax/cpu_conv.py)
   # Loss.
   config.loss = "ce"                # ce | focal | ldam
   config.focal_gamma = 1.0
@@ -124,6 +128,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _one_of("loss", config.loss, LOSSES)
   _one_of("head", config.head, HEAD_CHOICES)
   _one_of("dtype", config.dtype, tuple(DTYPES))
+  _one_of("conv_impl", config.conv_impl, cpu_conv.CONV_IMPLS)
+  if config.conv_impl == "native" and num_devices != 1:
+    raise ConfigError(f"conv_impl 'native' runs on one CPU device, not {num_devices}; "
+                      "use conv_impl 'auto' (native where it can) or 'xla'.")
   _one_of("schedule", config.schedule, SCHEDULES)
   if not config.imbalance_factor >= 1:
     raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "

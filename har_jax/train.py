@@ -27,6 +27,7 @@ import optax
 
 from har_jax import checkpoint
 from har_jax import config as config_lib
+from har_jax import cpu_conv
 from har_jax import early_exit
 from har_jax import losses
 from har_jax import metrics as metrics_lib
@@ -65,6 +66,8 @@ class Steps:
   # (state, resident) -> (state, metrics): the step that gathers its own batch
   # from the training split kept on the devices; None for streaming data.
   train_resident: Optional[Callable] = None
+  # Whether the convolutions run on har_jax's CPU kernels (config.conv_impl).
+  native_convolutions: bool = False
 
   @property
   def train_step_compiles(self) -> int:
@@ -173,6 +176,10 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
   mean, std = data.mean, data.std
   in_memory = isinstance(data, pipeline.InMemoryData)
   traces = []
+  try:
+    native = cpu_conv.resolve(config.conv_impl, list(mesh.devices.flat))
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from None
 
   def class_weights_at(step):
     if config.drw_start_epoch < 0:
@@ -182,6 +189,10 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
 
   def train_step(state: TrainState, batch: dict):
     traces.append(None)  # runs only while tracing
+    with cpu_conv.native_convolutions(native):
+      return _train_step(state, batch)
+
+  def _train_step(state: TrainState, batch: dict):
     images = batch["images"].astype(jnp.float32)
     if in_memory:
       key = jax.random.fold_in(state.key, state.step)
@@ -222,8 +233,9 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
 
   def eval_step(state: TrainState, batch: dict):
     images = augment.normalize(batch["images"], mean, std)
-    exit_logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                              images, train=False)
+    with cpu_conv.native_convolutions(native):
+      exit_logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                images, train=False)
     labels, mask = batch["labels"], batch["mask"]
     predictions, exit_index = early_exit.predict(
         exit_logits, threshold=exit_threshold, logit_scale=scale)
@@ -261,7 +273,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
     train_resident = jax.jit(train_step_resident, in_shardings=(replicated, replicated),
                              out_shardings=(replicated, replicated), donate_argnums=0)
   return Steps(train=train, evaluate=evaluate, train_traces=traces,
-               train_resident=train_resident)
+               train_resident=train_resident, native_convolutions=native)
 
 
 def resident_training_split(data: pipeline.InMemoryData,

@@ -3,12 +3,14 @@
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from har_jax import models
+from har_jax.models import layers
 
 NUM_CLASSES = 10
 IMAGES = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
@@ -251,3 +253,44 @@ def test_per_exit_flops_add_up(name, exits, image_shape, num_classes, head_input
   assert all(a < b for a, b in zip(flops.per_exit, flops.per_exit[1:])), flops.per_exit
   assert flops.per_exit[-1] == flops.backbone + sum(flops.heads[:-1])
   assert flops.per_exit[0] == flops.segments[0] + flops.heads[0]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax_values_statistics_and_gradients(dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(1.5, 2.0, (6, 5, 4, 16)), dtype)
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  ours = layers.batch_norm(train=True, dtype=dtype)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                         dtype=dtype, param_dtype=jnp.float32)
+  variables = flax_bn.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+      jnp.shape, variables)
+  params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 16), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(16), jnp.float32)}
+  stats = {"mean": jnp.asarray(rng.standard_normal(16), jnp.float32),
+           "var": jnp.asarray(rng.uniform(0.5, 2.0, 16), jnp.float32)}
+
+  def run(module, params, x):
+    y, updates = module.apply({"params": params, "batch_stats": stats}, x,
+                              mutable=["batch_stats"])
+    return jnp.sum(nn.relu(y).astype(jnp.float32) * cotangent), (y, updates)
+
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  (_, (y_ours, up_ours)), g_ours = jax.value_and_grad(
+      lambda p, x: run(ours, p, x), argnums=(0, 1), has_aux=True)(params, x)
+  (_, (y_flax, up_flax)), g_flax = jax.value_and_grad(
+      lambda p, x: run(flax_bn, p, x), argnums=(0, 1), has_aux=True)(params, x)
+  assert y_ours.dtype == y_flax.dtype == dtype
+  np.testing.assert_allclose(np.float32(y_ours), np.float32(y_flax), atol=tolerance)
+  for a, b in zip(jax.tree.leaves(up_ours), jax.tree.leaves(up_flax)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_flax)):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tolerance,
+                               atol=tolerance * float(np.max(np.abs(np.float32(b)))))
+  # Evaluation mode uses the running statistics, as Flax's does.
+  eval_ours = layers.batch_norm(train=False, dtype=dtype)
+  eval_flax = nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype)
+  both = {"params": params, "batch_stats": stats}
+  np.testing.assert_allclose(np.float32(eval_ours.apply(both, x)),
+                             np.float32(eval_flax.apply(both, x)), atol=tolerance)
