@@ -76,6 +76,7 @@ class CompiledStep:
   macs_per_image: int
   batch_size: int
   xla_flops: float | None   # XLA's own count of the step, when it gives one
+  native_convolutions: bool = False  # har_jax's CPU kernels (config.conv_impl)
 
 
 def parse_overrides(config, pairs: Sequence[str]):
@@ -168,7 +169,8 @@ def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
 
   return CompiledStep(name=name, run=run, compile_s=compile_s,
                       macs_per_image=models.exit_flops(model, image_shape).per_exit[-1],
-                      batch_size=config.batch_size, xla_flops=xla_flops)
+                      batch_size=config.batch_size, xla_flops=xla_flops,
+                      native_convolutions=steps.native_convolutions)
 
 
 def time_interleaved(runs: dict[str, Callable[[], None]], steps: int,
@@ -225,7 +227,8 @@ def describe(step: CompiledStep, figures: dict) -> str:
           f"(min {figures['step_ms_min']:.1f}, max {figures['step_ms_max']:.1f}), "
           f"{figures['images_per_sec']:.1f} images/s "
           f"({figures['images_per_sec_per_device']:.1f} per device), "
-          f"{figures.get('flops_per_sec', 0) / 1e9:.1f} GFLOP/s")
+          f"{figures.get('flops_per_sec', 0) / 1e9:.1f} GFLOP/s, "
+          f"{'har_jax CPU kernels' if step.native_convolutions else 'XLA'} convolutions")
 
 
 def step_report(step: CompiledStep, seconds: Sequence[float], devices: int) -> dict:
@@ -233,7 +236,8 @@ def step_report(step: CompiledStep, seconds: Sequence[float], devices: int) -> d
   figures = step_figures(seconds, step.batch_size, devices, flops_per_image)
   figures.update(compile_s=step.compile_s, macs_per_image=step.macs_per_image,
                  train_flops_per_step=flops_per_image * step.batch_size,
-                 xla_flops_per_step=step.xla_flops)
+                 xla_flops_per_step=step.xla_flops,
+                 native_convolutions=step.native_convolutions)
   print(describe(step, figures), flush=True)
   return figures
 
@@ -245,7 +249,7 @@ def main(argv):
   config = _CONFIG.value
   image_shape, num_classes = input_spec(config)
   print(f"{config.model} exits {config.exits}, loss {config.loss}, har {config.har}, "
-        f"dtype {config.dtype}, batch {config.batch_size} of {image_shape}, "
+        f"dtype {config.dtype}, conv_impl {config.conv_impl}, batch {config.batch_size} of {image_shape}, "
         f"{num_classes} classes, {jax.device_count()} {jax.default_backend()} "
         "device(s)", flush=True)
   compiled = {"config": compile_train_step(config, image_shape, num_classes,
@@ -262,6 +266,7 @@ def main(argv):
   result = dict(reports["config"], image_shape=list(image_shape),
                 num_classes=num_classes, model=config.model, exits=config.exits,
                 loss=config.loss, har=config.har, dtype=config.dtype,
+                conv_impl=config.conv_impl,
                 machine=machine())
   if _AGAINST.value:
     against = reports[name]

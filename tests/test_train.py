@@ -13,6 +13,7 @@ import pytest
 
 from har_jax import checkpoint
 from har_jax import config as config_lib
+from har_jax import cpu_conv
 from har_jax import losses
 from har_jax import sharding
 from har_jax import train
@@ -107,6 +108,27 @@ def test_one_device_and_eight_devices_agree(tmp_path):
   assert abs(one["accuracy"] - eight["accuracy"]) <= 1 / 500 + 1e-9
   np.testing.assert_allclose(one["per_exit_accuracy"], eight["per_exit_accuracy"],
                              atol=1 / 500 + 1e-9)
+
+
+def test_native_convolutions_train_as_xla_does(tmp_path):
+  """One CPU device: conv_impl 'auto' picks the kernels; they train as XLA's do."""
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  summaries = {}
+  for impl in ("auto", "xla"):
+    config = runs.small_config(num_train_steps=14, conv_impl=impl)
+    summaries[impl] = train.train_and_evaluate(config, str(tmp_path / impl), mesh=mesh)
+    _, _, steps, _, _ = _setup(config, mesh)
+    kernels_build = cpu_conv.unavailable_reason() is None
+    assert steps.native_convolutions == (impl == "auto" and kernels_build)
+  np.testing.assert_allclose(summaries["auto"]["train_loss"], summaries["xla"]["train_loss"],
+                             rtol=1e-3)
+  assert abs(summaries["auto"]["accuracy"] - summaries["xla"]["accuracy"]) <= 2 / 500 + 1e-9
+
+
+def test_native_conv_impl_needs_one_device():
+  config = runs.small_config(conv_impl="native")
+  with pytest.raises(config_lib.ConfigError, match="one CPU device"):
+    config_lib.validate(config, num_devices=8)
 
 
 def test_run_writes_summary_with_every_field(tmp_path):
