@@ -231,7 +231,7 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
           case 4: ForwardRow<4, 6>(g, x_image, w, y_row, oh, k0); break;
           case 3: ForwardRow<3, 8>(g, x_image, w, y_row, oh, k0); break;
           case 2: ForwardRow<2, 12>(g, x_image, w, y_row, oh, k0); break;
-          default: ForwardRow<1, 12>(g, x_image, w, y_row, oh, k0); break;
+          default: ForwardRow<1, 16>(g, x_image, w, y_row, oh, k0); break;
         }
         k0 += vectors * kLanes;
       }

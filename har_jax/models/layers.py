@@ -104,11 +104,14 @@ def _normalize_bwd(epsilon, residuals, cotangents):
   dy, dmean, dvar = cotangents
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
-  centred = x.astype(jnp.float32) - mean
+  x32 = x.astype(jnp.float32)
+  centred = x32 - mean
   x_hat = centred * inv
   dy = dy.astype(jnp.float32)
   dbias = jnp.sum(dy, axes)
-  dscale = jnp.sum(dy * x_hat, axes)
+  # sum(dy * x_hat) from sum(dy * x): XLA's CPU reductions then read dy and x
+  # directly, where x_hat would be written out and read back in full.
+  dscale = inv * (jnp.sum(dy * x32, axes) - mean * dbias)
   # Through the normalisation (batch statistics included), then through the
   # statistics returned for the running averages (zero in training).
   dx = (scale * inv / count) * (count * dy - dbias - x_hat * dscale)
