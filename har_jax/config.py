@@ -132,6 +132,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.conv_impl == "native" and num_devices != 1:
     raise ConfigError(f"conv_impl 'native' runs on one CPU device, not {num_devices}; "
                       "use conv_impl 'auto' (native where it can) or 'xla'.")
+  if config.conv_impl == "native" and config.dtype != "float32":
+    raise ConfigError(f"conv_impl 'native' computes in float32, not {config.dtype}; "
+                      "use conv_impl 'auto' (native where it can) or 'xla'.")
   _one_of("schedule", config.schedule, SCHEDULES)
   if not config.imbalance_factor >= 1:
     raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "

@@ -130,16 +130,21 @@ def unavailable_reason() -> str | None:
   return None
 
 
-def resolve(conv_impl: str, devices: Sequence[jax.Device]) -> bool:
-  """Whether a step on ``devices`` runs the native kernels for ``conv_impl``.
+def resolve(conv_impl: str, devices: Sequence[jax.Device], dtype: str = "float32") -> bool:
+  """Whether a step on ``devices`` computing in ``dtype`` runs the kernels.
 
-  'xla': never. 'native': always, and a ValueError when it cannot (not one CPU
-  device, or the kernels do not build). 'auto': when it can, with a warning when
-  only the build stops it.
+  'xla': never. 'native': always, and a ValueError when it cannot (not float32,
+  not one CPU device, or the kernels do not build). 'auto': when it can, with a
+  warning when only the build stops it.
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
   if conv_impl == "xla":
+    return False
+  if jnp.dtype(dtype) != jnp.float32:
+    if conv_impl == "native":
+      raise ValueError(f"conv_impl 'native' computes in float32, but dtype is {dtype}; "
+                       "use conv_impl 'auto' or 'xla'.")
     return False
   devices = list(devices)
   single_cpu = len(devices) == 1 and devices[0].platform == "cpu"

@@ -177,7 +177,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
   in_memory = isinstance(data, pipeline.InMemoryData)
   traces = []
   try:
-    native = cpu_conv.resolve(config.conv_impl, list(mesh.devices.flat))
+    native = cpu_conv.resolve(config.conv_impl, list(mesh.devices.flat), config.dtype)
   except ValueError as error:
     raise config_lib.ConfigError(str(error)) from None
 

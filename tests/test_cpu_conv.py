@@ -122,5 +122,8 @@ def test_resolve():
     assert cpu_conv.resolve("auto", cpu[:2]) is False
     with pytest.raises(ValueError, match="one CPU device"):
       cpu_conv.resolve("native", cpu[:2])
+  assert cpu_conv.resolve("auto", cpu[:1], "bfloat16") is False
+  with pytest.raises(ValueError, match="computes in float32"):
+    cpu_conv.resolve("native", cpu[:1], "bfloat16")
   with pytest.raises(ValueError, match="conv_impl must be one of"):
     cpu_conv.resolve("fast", cpu[:1])

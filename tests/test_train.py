@@ -129,6 +129,9 @@ def test_native_conv_impl_needs_one_device():
   config = runs.small_config(conv_impl="native")
   with pytest.raises(config_lib.ConfigError, match="one CPU device"):
     config_lib.validate(config, num_devices=8)
+  config.dtype = "bfloat16"
+  with pytest.raises(config_lib.ConfigError, match="computes in float32"):
+    config_lib.validate(config, num_devices=1)
 
 
 def test_run_writes_summary_with_every_field(tmp_path):
