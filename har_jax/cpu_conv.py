@@ -48,6 +48,7 @@ _SOURCE = pathlib.Path(__file__).parent / "csrc" / "cpu_conv.cc"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _FORWARD = "har_conv_forward"
 _FILTER_GRAD = "har_conv_filter_grad"
+_BN_GRAD_STATS = "har_batch_norm_grad_stats"
 _LANES = 16
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
@@ -118,6 +119,9 @@ def _library() -> ctypes.CDLL:
                               platform="cpu")
   jax.ffi.register_ffi_target(_FILTER_GRAD, jax.ffi.pycapsule(library.HarConvFilterGrad),
                               platform="cpu")
+  jax.ffi.register_ffi_target(_BN_GRAD_STATS,
+                              jax.ffi.pycapsule(library.HarBatchNormGradStats),
+                              platform="cpu")
   return library
 
 
@@ -178,6 +182,30 @@ def native_convolutions(enabled: bool = True):
     _state.enabled = previous
 
 
+def enabled() -> bool:
+  """Whether the code being traced is inside ``native_convolutions(True)``."""
+  return getattr(_state, "enabled", False)
+
+
+def supports_batch_norm(x) -> bool:
+  """Whether ``batch_norm_grad_stats`` takes this BatchNorm input."""
+  return x.dtype == jnp.float32 and x.ndim >= 2 and x.size > 0 and (
+      x.shape[-1] % _LANES == 0)
+
+
+def batch_norm_grad_stats(dy, x, mean):
+  """``(sum(dy), sum(dy * (x - mean)))`` over all axes but the last, in one pass.
+
+  The two per-channel sums of BatchNorm's gradient, read straight from ``dy`` and
+  ``x`` (XLA's CPU reductions would read them twice and need ``x - mean`` written
+  out first). float32, channels a multiple of 16 (``supports_batch_norm``).
+  """
+  _library()
+  stats = jax.ffi.ffi_call(
+      _BN_GRAD_STATS, jax.ShapeDtypeStruct((2, x.shape[-1]), jnp.float32))(dy, x, mean)
+  return stats[0], stats[1]
+
+
 def _explicit_padding(padding, lhs_shape, rhs_shape, strides):
   if isinstance(padding, str):
     return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], strides, padding))
@@ -204,7 +232,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """``lax.conv_general_dilated``, on the kernels where enabled and supported."""
-  if getattr(_state, "enabled", False) and supports(
+  if enabled() and supports(
       lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, preferred_element_type):
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, window_strides)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from har_jax import cpu_conv
 from tests import runs
 
 BENCHMARK = os.path.join(runs.REPO, "experiments", "benchmark.py")
@@ -20,8 +21,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 TINY = ["--config.model=resnet8", "--config.batch_size=16", "--steps=2", "--warmup=1"]
 
 
-def run_benchmark(*args):
+def run_benchmark(*args, one_device=False):
   env = dict(os.environ, PYTHONPATH=runs.REPO)
+  if one_device:  # as a user runs it on a CPU: no simulated devices
+    env.pop("XLA_FLAGS", None)
   result = subprocess.run(
       [sys.executable, "-c", WITHOUT_TENSORFLOW, BENCHMARK,
        f"--config={runs.DEFAULT_CONFIG}", *TINY, *args],
@@ -53,3 +56,12 @@ def test_against_times_a_second_config_in_the_same_run():
   assert report["against"]["step_ms"] > 0
   assert abs(report["step_ratio"] - report["step_ms"] / report["against"]["step_ms"]
              ) < 1e-9
+
+
+def test_one_cpu_device_runs_the_cpu_kernels_against_xla():
+  report = run_benchmark("--image_shape=16,16,3",
+                         "--against=conv_impl=xla", one_device=True)
+  assert report["devices"] == 1
+  assert report["conv_impl"] == "auto"
+  assert report["native_convolutions"] == (cpu_conv.unavailable_reason() is None)
+  assert report["against"]["native_convolutions"] is False

@@ -127,3 +127,28 @@ def test_resolve():
     cpu_conv.resolve("native", cpu[:1], "bfloat16")
   with pytest.raises(ValueError, match="conv_impl must be one of"):
     cpu_conv.resolve("fast", cpu[:1])
+
+
+def test_weight_gradient_is_reproducible():
+  """The batch sum is split by shape, not by thread: same inputs, same bits."""
+  x, kernel = _arrays((64, 16, 16, 16, 32, 3, 1, ((1, 1), (1, 1))))
+  cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((64, 16, 16, 32)),
+                          jnp.float32)
+  grad = jax.jit(lambda x, k, g: jax.vjp(
+      lambda k: cpu_conv.conv_nhwc(x, k, 1, ((1, 1), (1, 1))), k)[1](g)[0])
+  first = np.asarray(grad(x, kernel, cotangent))
+  for _ in range(5):
+    np.testing.assert_array_equal(np.asarray(grad(x, kernel, cotangent)), first)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 32), (300, 16), (2, 3, 48), (64, 32, 16)])
+def test_batch_norm_grad_stats_match_float64_sums(shape):
+  rng = np.random.default_rng(3)
+  dy = rng.standard_normal(shape).astype(np.float32)
+  x = rng.normal(4.0, 2.0, shape).astype(np.float32)
+  mean = x.reshape(-1, shape[-1]).mean(0)
+  sum_dy, sum_dy_centred = jax.jit(cpu_conv.batch_norm_grad_stats)(dy, x, mean)
+  rows = dy.reshape(-1, shape[-1]).astype(np.float64)
+  centred = x.reshape(-1, shape[-1]).astype(np.float64) - mean
+  np.testing.assert_allclose(sum_dy, rows.sum(0), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(sum_dy_centred, (rows * centred).sum(0), rtol=1e-5, atol=1e-3)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from har_jax import cpu_conv
 from har_jax import models
 from har_jax.models import layers
 
@@ -255,8 +256,12 @@ def test_per_exit_flops_add_up(name, exits, image_shape, num_classes, head_input
   assert flops.per_exit[0] == flops.segments[0] + flops.heads[0]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_batch_norm_matches_flax_values_statistics_and_gradients(dtype):
+@pytest.mark.parametrize("dtype, native", [(jnp.float32, False), (jnp.bfloat16, False),
+                                           (jnp.float32, True)])
+def test_batch_norm_matches_flax_values_statistics_and_gradients(dtype, native):
+  """Native: inside native_convolutions, the gradient's sums run on the CPU kernel."""
+  if native and not cpu_conv.compiler_found():
+    pytest.skip("no C++ compiler to build the CPU kernels")
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(1.5, 2.0, (6, 5, 4, 16)), dtype)
   cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -272,8 +277,9 @@ def test_batch_norm_matches_flax_values_statistics_and_gradients(dtype):
            "var": jnp.asarray(rng.uniform(0.5, 2.0, 16), jnp.float32)}
 
   def run(module, params, x):
-    y, updates = module.apply({"params": params, "batch_stats": stats}, x,
-                              mutable=["batch_stats"])
+    with cpu_conv.native_convolutions(native and module is ours):
+      y, updates = module.apply({"params": params, "batch_stats": stats}, x,
+                                mutable=["batch_stats"])
     return jnp.sum(nn.relu(y).astype(jnp.float32) * cotangent), (y, updates)
 
   tolerance = 1e-5 if dtype == jnp.float32 else 2e-2

@@ -10,7 +10,10 @@ import numpy as np
 
 import runs
 
-FLAGS = runs.config_flags(num_train_steps=14, eval_every_epochs=1, drw_start_epoch=1)
+# XLA's convolutions in both runs: this compares sharding, not convolution kernels
+# (one process on one CPU device would otherwise pick har_jax's own).
+FLAGS = runs.config_flags(num_train_steps=14, eval_every_epochs=1, drw_start_epoch=1,
+                          conv_impl="xla")
 
 
 def _free_port():

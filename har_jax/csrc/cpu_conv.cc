@@ -315,65 +315,66 @@ inline void FilterChannels(const Geometry& g, const float* x_image, const float*
   }
 }
 
+// The weight gradient is a sum over the batch. Its blocks are split into a
+// number of slots fixed by the shape alone, each summed in order into a buffer
+// of its own, and the slots are added in order: the result does not depend on
+// the thread count or on which thread took which slot (runs are reproducible).
 void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy,
                 float* dw) {
   const int64_t size = g.kh * g.kw * g.c * g.k;
-  const int max_participants =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, 64)));
-  std::vector<std::unique_ptr<float[]>> partial(max_participants);
   // Rows per block: the x and dy rows of a block stay in cache across the taps.
   const int64_t block_rows =
       std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, g.ow * (g.k + g.s * g.c) * 4));
   const int64_t blocks_per_image = (g.oh + block_rows - 1) / block_rows;
   const int64_t blocks = g.n * blocks_per_image;
-  auto body = [&](int who, int64_t begin, int64_t end) {
-    if (!partial[who]) {
-      partial[who].reset(new float[size]);
-      std::memset(partial[who].get(), 0, size * sizeof(float));
-    }
-    float* acc = partial[who].get();
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t image = b / blocks_per_image;
-      const int64_t first_row = (b % blocks_per_image) * block_rows;
-      const int64_t end_row = std::min(g.oh, first_row + block_rows);
-      const float* x_image = x + image * g.h * g.w * g.c;
-      const float* dy_image = dy + image * g.oh * g.ow * g.k;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        int64_t oh0, oh1;
-        TapOutputs(first_row, end_row, g.s, g.pt, i, g.h, &oh0, &oh1);
-        if (oh0 >= oh1) continue;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          int64_t ow0, ow1;
-          TapOutputs(0, g.ow, g.s, g.pl, j, g.w, &ow0, &ow1);
-          if (ow0 >= ow1) continue;
-          for (int64_t k0 = 0; k0 < g.k;) {
-            const int64_t vectors = std::min<int64_t>(4, (g.k - k0) / kLanes);
-            switch (vectors) {
-              case 4:
-                FilterChannels<4, 6>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
-                break;
-              case 3:
-                FilterChannels<3, 8>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
-                break;
-              case 2:
-                FilterChannels<2, 12>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
-                break;
-              default:
-                FilterChannels<1, 16>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
-                break;
+  // Up to 16 slots, within 32 MiB of partial sums.
+  const int64_t slots = std::max<int64_t>(
+      1, std::min<int64_t>({16, blocks, (int64_t{8} << 20) / std::max<int64_t>(1, size)}));
+  std::vector<float> partial(slots * size, 0.0f);
+  auto body = [&](int, int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      float* acc = partial.data() + slot * size;
+      for (int64_t b = slot * blocks / slots; b < (slot + 1) * blocks / slots; ++b) {
+        const int64_t image = b / blocks_per_image;
+        const int64_t first_row = (b % blocks_per_image) * block_rows;
+        const int64_t end_row = std::min(g.oh, first_row + block_rows);
+        const float* x_image = x + image * g.h * g.w * g.c;
+        const float* dy_image = dy + image * g.oh * g.ow * g.k;
+        for (int64_t i = 0; i < g.kh; ++i) {
+          int64_t oh0, oh1;
+          TapOutputs(first_row, end_row, g.s, g.pt, i, g.h, &oh0, &oh1);
+          if (oh0 >= oh1) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            int64_t ow0, ow1;
+            TapOutputs(0, g.ow, g.s, g.pl, j, g.w, &ow0, &ow1);
+            if (ow0 >= ow1) continue;
+            for (int64_t k0 = 0; k0 < g.k;) {
+              const int64_t vectors = std::min<int64_t>(4, (g.k - k0) / kLanes);
+              switch (vectors) {
+                case 4:
+                  FilterChannels<4, 6>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
+                  break;
+                case 3:
+                  FilterChannels<3, 8>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
+                  break;
+                case 2:
+                  FilterChannels<2, 12>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
+                  break;
+                default:
+                  FilterChannels<1, 16>(g, x_image, dy_image, acc, i, j, k0, oh0, oh1, ow0, ow1);
+                  break;
+              }
+              k0 += vectors * kLanes;
             }
-            k0 += vectors * kLanes;
           }
         }
       }
     }
   };
-  const int64_t grain = std::max<int64_t>(1, blocks / (8 * max_participants));
-  ParallelFor(pool, blocks, grain, body, max_participants);
+  ParallelFor(pool, slots, 1, body, 64);
   std::memset(dw, 0, size * sizeof(float));
-  for (auto& p : partial) {
-    if (!p) continue;
-    const float* src = p.get();
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const float* src = partial.data() + slot * size;
     for (int64_t e = 0; e < size; ++e) dw[e] += src[e];
   }
 }
@@ -414,6 +415,67 @@ ffi::Error FilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------- BatchNorm
+
+// The two per-channel sums of BatchNorm's gradient, in one pass over dy and x:
+// stats[0] = sum(dy), stats[1] = sum(dy * (x - mean)) over all rows of [rows, C].
+// Rows are split into slots fixed by the shape (as FilterGrad), so the sums do
+// not depend on threads. C must be a multiple of 16.
+void BatchNormGradStats(ffi::ThreadPool& pool, int64_t rows, int64_t c, const float* dy,
+                        const float* x, const float* mean, float* stats) {
+  constexpr int kRows = 4;  // rows in flight: four independent FMA chains
+  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(16, rows / 256));
+  std::vector<float> partial(slots * 2 * c, 0.0f);
+  auto body = [&](int, int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      const int64_t first = slot * rows / slots, last = (slot + 1) * rows / slots;
+      float* sum_dy = partial.data() + slot * 2 * c;
+      float* sum_dyx = sum_dy + c;
+      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+        const vf m = Load(mean + c0);
+        vf a[kRows] = {}, b[kRows] = {};
+        int64_t r = first;
+        for (; r + kRows <= last; r += kRows) {
+#pragma GCC unroll 4
+          for (int u = 0; u < kRows; ++u) {
+            const vf d = Load(dy + (r + u) * c + c0);
+            a[u] += d;
+            b[u] += d * (Load(x + (r + u) * c + c0) - m);
+          }
+        }
+        for (; r < last; ++r) {
+          const vf d = Load(dy + r * c + c0);
+          a[0] += d;
+          b[0] += d * (Load(x + r * c + c0) - m);
+        }
+        Store(sum_dy + c0, (a[0] + a[1]) + (a[2] + a[3]));
+        Store(sum_dyx + c0, (b[0] + b[1]) + (b[2] + b[3]));
+      }
+    }
+  };
+  ParallelFor(pool, slots, 1, body, 64);
+  std::memset(stats, 0, 2 * c * sizeof(float));
+  for (int64_t slot = 0; slot < slots; ++slot)
+    for (int64_t e = 0; e < 2 * c; ++e) stats[e] += partial[slot * 2 * c + e];
+}
+
+ffi::Error BatchNormGradStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                                  ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                                  ffi::ResultBuffer<ffi::F32> stats) {
+  auto dyd = dy.dimensions(), xd = x.dimensions();
+  const int64_t c = dyd.size() == 0 ? 0 : dyd[dyd.size() - 1];
+  if (dyd.size() != xd.size() || !std::equal(dyd.begin(), dyd.end(), xd.begin()) || c == 0 ||
+      c % kLanes != 0 || mean.element_count() != static_cast<size_t>(c) ||
+      stats->element_count() != static_cast<size_t>(2 * c))
+    return ffi::Error::InvalidArgument(
+        "har_batch_norm_grad_stats: expects dy and x of one shape [..., C], C % 16 == 0, "
+        "mean [C] and stats [2, C]");
+  const int64_t rows = c == 0 ? 0 : static_cast<int64_t>(dy.element_count()) / c;
+  BatchNormGradStats(pool, rows, c, dy.typed_data(), x.typed_data(), mean.typed_data(),
+                     stats->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HarConvForward, ForwardImpl,
@@ -435,3 +497,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HarConvFilterGrad, FilterGradImpl,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HarBatchNormGradStats, BatchNormGradStatsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

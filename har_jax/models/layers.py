@@ -70,7 +70,9 @@ class BatchNorm(nn.Module):
       multiplier = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       y = (x.astype(jnp.float32) - ra_mean.value) * multiplier + bias
       return y.astype(dtype)
-    y, mean, var = _normalize(x, scale, bias, self.epsilon)
+    # On the CPU kernels' path the gradient's sums run in one pass (cpu_conv).
+    native = cpu_conv.enabled() and cpu_conv.supports_batch_norm(x)
+    y, mean, var = _normalize(x, scale, bias, self.epsilon, native)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -84,13 +86,17 @@ def _moments(x32):
   return mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _normalize(x, scale, bias, epsilon):
-  """Training-mode BatchNorm: (normalised x * scale + bias, batch mean, batch var)."""
-  return _normalize_fwd(x, scale, bias, epsilon)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _normalize(x, scale, bias, epsilon, native):
+  """Training-mode BatchNorm: (normalised x * scale + bias, batch mean, batch var).
+
+  ``native``: the gradient's per-channel sums on the CPU kernel.
+  """
+  return _normalize_fwd(x, scale, bias, epsilon, native)[0]
 
 
-def _normalize_fwd(x, scale, bias, epsilon):
+def _normalize_fwd(x, scale, bias, epsilon, native):
+  del native
   x32 = x.astype(jnp.float32)
   mean, var = _moments(x32)
   inv = jax.lax.rsqrt(var + epsilon)
@@ -98,20 +104,21 @@ def _normalize_fwd(x, scale, bias, epsilon):
   return (y, mean, var), (x, mean, inv, scale)
 
 
-def _normalize_bwd(epsilon, residuals, cotangents):
+def _normalize_bwd(epsilon, native, residuals, cotangents):
   del epsilon
   x, mean, inv, scale = residuals
   dy, dmean, dvar = cotangents
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
-  x32 = x.astype(jnp.float32)
-  centred = x32 - mean
+  centred = x.astype(jnp.float32) - mean
   x_hat = centred * inv
   dy = dy.astype(jnp.float32)
-  dbias = jnp.sum(dy, axes)
-  # sum(dy * x_hat) from sum(dy * x): XLA's CPU reductions then read dy and x
-  # directly, where x_hat would be written out and read back in full.
-  dscale = inv * (jnp.sum(dy * x32, axes) - mean * dbias)
+  if native:
+    dbias, dy_centred = cpu_conv.batch_norm_grad_stats(dy, x, mean)
+    dscale = inv * dy_centred
+  else:
+    dbias = jnp.sum(dy, axes)
+    dscale = jnp.sum(dy * x_hat, axes)
   # Through the normalisation (batch statistics included), then through the
   # statistics returned for the running averages (zero in training).
   dx = (scale * inv / count) * (count * dy - dbias - x_hat * dscale)
