@@ -100,17 +100,25 @@ def _library() -> ctypes.CDLL:
     key.update(part if isinstance(part, bytes) else part.encode())
   target = _cache_dir() / f"cpu_conv-{key.hexdigest()[:16]}.so"
   if not target.is_file():
-    target.parent.mkdir(parents=True, exist_ok=True)
     logging.info("Compiling har_jax's CPU convolution kernels into %s", target)
-    # Another process may build the same file: write apart, then rename.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-      built = pathlib.Path(tmp) / target.name
-      command = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", str(built)]
-      result = subprocess.run(command, capture_output=True, text=True, check=False)
-      if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise KernelsUnavailable(f"compiling {_SOURCE.name} failed: " + " | ".join(tail))
-      os.replace(built, target)
+    try:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      # Another process may build the same file: write apart, then rename.
+      with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = pathlib.Path(tmp) / target.name
+        command = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                timeout=600)
+        if result.returncode != 0:
+          tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+          raise KernelsUnavailable(f"compiling {_SOURCE.name} failed: " + " | ".join(tail))
+        os.replace(built, target)
+    except subprocess.TimeoutExpired:
+      raise KernelsUnavailable(f"compiling {_SOURCE.name} took over 10 minutes") from None
+    except OSError as error:
+      raise KernelsUnavailable(
+          f"cannot build into the kernel cache {target.parent} ({error}); set "
+          "HAR_JAX_KERNEL_CACHE to a writable folder") from None
   try:
     library = ctypes.cdll.LoadLibrary(str(target))
   except OSError as error:

@@ -1,5 +1,7 @@
 """The CPU convolution kernels against XLA's convolution and its gradients."""
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -152,3 +154,17 @@ def test_batch_norm_grad_stats_match_float64_sums(shape):
   centred = x.reshape(-1, shape[-1]).astype(np.float64) - mean
   np.testing.assert_allclose(sum_dy, rows.sum(0), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(sum_dy_centred, (rows * centred).sum(0), rtol=1e-5, atol=1e-3)
+
+
+def test_unwritable_cache_falls_back_to_xla_under_auto(tmp_path, monkeypatch):
+  """No kernels: 'auto' runs XLA's convolutions, 'native' says why in one line."""
+  blocked = tmp_path / "file"
+  blocked.write_text("not a folder")
+  monkeypatch.setenv("HAR_JAX_KERNEL_CACHE", str(blocked / "cache"))
+  monkeypatch.setattr(cpu_conv, "_library", functools.cache(cpu_conv._library.__wrapped__))
+  reason = cpu_conv.unavailable_reason()
+  assert reason is not None and "HAR_JAX_KERNEL_CACHE" in reason
+  cpu = jax.devices("cpu")[:1]
+  assert cpu_conv.resolve("auto", cpu) is False
+  with pytest.raises(ValueError, match="kernels are unavailable"):
+    cpu_conv.resolve("native", cpu)
