@@ -210,7 +210,8 @@ def batch_norm_grad_stats(dy, x, mean):
   """
   _library()
   stats = jax.ffi.ffi_call(
-      _BN_GRAD_STATS, jax.ShapeDtypeStruct((2, x.shape[-1]), jnp.float32))(dy, x, mean)
+      _BN_GRAD_STATS, jax.ShapeDtypeStruct((2, x.shape[-1]), jnp.float32),
+      vmap_method="sequential")(dy, x, mean)
   return stats[0], stats[1]
 
 
@@ -224,7 +225,7 @@ def supports(lhs, rhs, window_strides, lhs_dilation=None, rhs_dilation=None,
              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
              preferred_element_type=None) -> bool:
   """Whether the kernels compute this ``lax.conv_general_dilated`` call."""
-  if lhs.ndim != 4 or rhs.ndim != 4:
+  if lhs.ndim != 4 or rhs.ndim != 4 or lhs.size == 0 or rhs.size == 0:
     return False
   numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   return (numbers == _NHWC and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
@@ -244,8 +245,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, preferred_element_type):
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, window_strides)
-    if all(lo >= 0 and hi >= 0 for lo, hi in pads):
-      return conv_nhwc(lhs, rhs, int(window_strides[0]), pads)
+    stride = int(window_strides[0])
+    out_hw = [_output_size(lhs.shape[1 + a], rhs.shape[a], stride, pads[a]) for a in (0, 1)]
+    if all(lo >= 0 and hi >= 0 for lo, hi in pads) and min(out_hw) >= 1:
+      return conv_nhwc(lhs, rhs, stride, pads)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -261,20 +264,22 @@ def _forward(x, w, stride: int, pad_low, out_hw):
   """
   _library()
   shape = (x.shape[0], *out_hw, w.shape[3])
-  return jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct(shape, jnp.float32))(
+  return jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(
       x, w, stride=np.int64(stride), pad_top=np.int64(pad_low[0]),
       pad_left=np.int64(pad_low[1]))
 
 
 def _filter_grad(x, dy, stride: int, pad_low, kernel_shape):
   _library()
-  return jax.ffi.ffi_call(_FILTER_GRAD, jax.ShapeDtypeStruct(kernel_shape, jnp.float32))(
+  return jax.ffi.ffi_call(_FILTER_GRAD, jax.ShapeDtypeStruct(kernel_shape, jnp.float32),
+                          vmap_method="sequential")(
       x, dy, stride=np.int64(stride), pad_top=np.int64(pad_low[0]),
       pad_left=np.int64(pad_low[1]))
 
 
 def _output_size(size: int, taps: int, stride: int, pad) -> int:
-  return (size + pad[0] + pad[1] - taps) // stride + 1
+  return max(0, (size + pad[0] + pad[1] - taps) // stride + 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -168,3 +168,28 @@ def test_unwritable_cache_falls_back_to_xla_under_auto(tmp_path, monkeypatch):
   assert cpu_conv.resolve("auto", cpu) is False
   with pytest.raises(ValueError, match="kernels are unavailable"):
     cpu_conv.resolve("native", cpu)
+
+
+def test_empty_outputs_and_vmap_follow_lax():
+  """Shapes the kernels do not cover go to lax; vmap over the kernels works."""
+  def both(x, k, padding):
+    def native(x, k):
+      with cpu_conv.native_convolutions():
+        return cpu_conv.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_NHWC)
+    def xla(x, k):
+      return lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_NHWC)
+    for f in (native, xla):
+      yield jax.jit(f)(x, k), jax.jit(jax.grad(lambda k: jnp.sum(f(x, k) ** 2)))(k)
+
+  kernel = jnp.ones((3, 3, 16, 16), jnp.float32)
+  for x, padding in [(jnp.ones((1, 2, 2, 16)), "VALID"),
+                     (jnp.ones((1, 1, 5, 16)), ((0, 0), (1, 1)))]:
+    (y_native, g_native), (y_xla, g_xla) = both(x, kernel, padding)
+    assert y_native.shape == y_xla.shape and y_native.size == 0
+    np.testing.assert_array_equal(g_native, g_xla)
+
+  x, kernel = _arrays(_CASES[0])
+  batched = jnp.stack([x, 2 * x])
+  got = jax.vmap(lambda x: cpu_conv.conv_nhwc(x, kernel, 1, ((1, 1), (1, 1))))(batched)
+  np.testing.assert_allclose(got[1], _reference(2 * x, kernel, 1, ((1, 1), (1, 1))),
+                             rtol=1e-4, atol=1e-4)

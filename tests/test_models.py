@@ -300,3 +300,11 @@ def test_batch_norm_matches_flax_values_statistics_and_gradients(dtype, native):
   both = {"params": params, "batch_stats": stats}
   np.testing.assert_allclose(np.float32(eval_ours.apply(both, x)),
                              np.float32(eval_flax.apply(both, x)), atol=tolerance)
+
+
+def test_batch_norm_without_dtype_promotes_as_flax_does():
+  x = jnp.ones((4, 16), jnp.bfloat16)
+  ours = layers.BatchNorm(use_running_average=False)
+  flax_bn = nn.BatchNorm(use_running_average=False)
+  for module in (ours, flax_bn):
+    assert module.init_with_output(jax.random.key(0), x)[0].dtype == jnp.float32

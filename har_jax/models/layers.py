@@ -65,7 +65,8 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
-    dtype = self.dtype or x.dtype
+    # As Flax: without a dtype, the input's promoted with the float32 parameters.
+    dtype = self.dtype or jnp.result_type(x.dtype, jnp.float32)
     if self.use_running_average:
       multiplier = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       y = (x.astype(jnp.float32) - ra_mean.value) * multiplier + bias
