@@ -11,7 +11,7 @@ is the forward kernel over the output gradient with flipped, transposed weights
 runs about 4x faster than on XLA's convolutions on a 2-core CPU (BENCHMARKS.md).
 
 The kernels are compiled with the machine's C++ compiler on first use (about
-10 s) into a cache (``$HAR_JAX_KERNEL_CACHE``, default ``~/.cache/har_jax``),
+10-15 s) into a cache (``$HAR_JAX_KERNEL_CACHE``, default ``~/.cache/har_jax``),
 keyed by the source, the compiler flags, jaxlib's version and the CPU.
 
 Use: ``conv_general_dilated`` has ``lax.conv_general_dilated``'s signature and
@@ -221,34 +221,41 @@ def _explicit_padding(padding, lhs_shape, rhs_shape, strides):
   return tuple(tuple(int(p) for p in pair) for pair in padding)
 
 
-def supports(lhs, rhs, window_strides, lhs_dilation=None, rhs_dilation=None,
-             dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-             preferred_element_type=None) -> bool:
-  """Whether the kernels compute this ``lax.conv_general_dilated`` call."""
+def _kernel_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, batch_group_count,
+                    preferred_element_type):
+  """The explicit padding of a ``lax.conv_general_dilated`` call the kernels
+  compute (float32 NHWC/HWIO, one stride, no dilation or groups, output channels
+  a multiple of 16, non-negative padding, a non-empty output), else None."""
   if lhs.ndim != 4 or rhs.ndim != 4 or lhs.size == 0 or rhs.size == 0:
-    return False
+    return None
   numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  return (numbers == _NHWC and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+  if not (numbers == _NHWC and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
           and preferred_element_type in (None, jnp.float32)
           and feature_group_count == 1 and batch_group_count == 1
           and all(d == 1 for d in (lhs_dilation or (1, 1)))
           and all(d == 1 for d in (rhs_dilation or (1, 1)))
           and len(set(window_strides)) == 1
-          and rhs.shape[3] % _LANES == 0)
+          and rhs.shape[3] % _LANES == 0):
+    return None
+  pads = _explicit_padding(padding, lhs.shape, rhs.shape, window_strides)
+  stride = int(window_strides[0])
+  if any(lo < 0 or hi < 0 for lo, hi in pads) or any(
+      _output_size(lhs.shape[1 + a], rhs.shape[a], stride, pads[a]) < 1 for a in (0, 1)):
+    return None
+  return pads
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """``lax.conv_general_dilated``, on the kernels where enabled and supported."""
-  if enabled() and supports(
-      lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, preferred_element_type):
-    pads = _explicit_padding(padding, lhs.shape, rhs.shape, window_strides)
-    stride = int(window_strides[0])
-    out_hw = [_output_size(lhs.shape[1 + a], rhs.shape[a], stride, pads[a]) for a in (0, 1)]
-    if all(lo >= 0 and hi >= 0 for lo, hi in pads) and min(out_hw) >= 1:
-      return conv_nhwc(lhs, rhs, stride, pads)
+  if enabled():
+    pads = _kernel_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                           dimension_numbers, feature_group_count, batch_group_count,
+                           preferred_element_type)
+    if pads is not None:
+      return conv_nhwc(lhs, rhs, int(window_strides[0]), pads)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

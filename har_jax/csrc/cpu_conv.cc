@@ -39,48 +39,47 @@ constexpr int64_t kLanes = 16;
 inline vf Load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void Store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
 
-// Runs body(participant, begin, end) over [0, n) in chunks of `grain`, on the
-// calling thread and on up to max_participants - 1 threads of XLA's pool.
-// Participants are numbered from 0 (the caller) so a body may keep
-// per-participant buffers. The body lives on the caller's stack: a helper calls
-// it only after claiming a chunk, and the caller returns only once every chunk
-// has finished, so a helper that starts late finds nothing and touches nothing.
+// Runs body(begin, end) over [0, n) in chunks of `grain`, on the calling thread
+// and on up to pool.num_threads() threads of XLA's pool. The body lives on the
+// caller's stack: a helper calls it only after claiming a chunk, and the caller
+// returns only once every chunk has finished, so a helper that starts late finds
+// nothing and touches nothing.
 struct Work {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> finished{0};
-  std::atomic<int> participants{1};
   int64_t n = 0, grain = 1, chunks = 0;
-  int max_participants = 1;
-  std::function<void(int, int64_t, int64_t)> body;
+  std::function<void(int64_t, int64_t)> body;
 };
 
-void RunChunks(Work& work, int who) {
+void RunChunks(Work& work) {
   for (int64_t c; (c = work.next.fetch_add(1)) < work.chunks;) {
-    work.body(who, c * work.grain, std::min(work.n, (c + 1) * work.grain));
+    work.body(c * work.grain, std::min(work.n, (c + 1) * work.grain));
     work.finished.fetch_add(1, std::memory_order_release);
   }
 }
 
 template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& body,
-                 int max_participants) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& body) {
   auto work = std::make_shared<Work>();
   work->n = n;
   work->grain = grain;
   work->chunks = (n + grain - 1) / grain;
-  work->body = [&body](int who, int64_t begin, int64_t end) { body(who, begin, end); };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks - 1);
-  helpers = std::max<int64_t>(0, std::min<int64_t>(helpers, max_participants - 1));
-  work->max_participants = static_cast<int>(helpers + 1);
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([work]() {
-      const int who = work->participants.fetch_add(1);
-      if (who < work->max_participants) RunChunks(*work, who);
-    });
-  }
-  RunChunks(*work, 0);
+  work->body = [&body](int64_t begin, int64_t end) { body(begin, end); };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work]() { RunChunks(*work); });
+  RunChunks(*work);
   while (work->finished.load(std::memory_order_acquire) < work->chunks)
     std::this_thread::yield();
+}
+
+// The sum over batch slots that the reductions below keep apart for
+// reproducibility: out = partial[0] + partial[1] + ..., in slot order.
+void SumSlots(const std::vector<float>& partial, int64_t slots, int64_t size, float* out) {
+  std::memset(out, 0, size * sizeof(float));
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const float* src = partial.data() + slot * size;
+    for (int64_t e = 0; e < size; ++e) out[e] += src[e];
+  }
 }
 
 struct Geometry {
@@ -220,7 +219,7 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
              float* y) {
   const int64_t rows = g.n * g.oh;
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, rows / 64));
-  auto body = [&](int, int64_t begin, int64_t end) {
+  auto body = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t image = r / g.oh, oh = r % g.oh;
       const float* x_image = x + image * g.h * g.w * g.c;
@@ -237,7 +236,7 @@ void Forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
       }
     }
   };
-  ParallelFor(pool, rows, grain, body, 64);
+  ParallelFor(pool, rows, grain, body);
 }
 
 // ---------------------------------------------------------------- filter grad
@@ -331,7 +330,7 @@ void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const 
   const int64_t slots = std::max<int64_t>(
       1, std::min<int64_t>({16, blocks, (int64_t{8} << 20) / std::max<int64_t>(1, size)}));
   std::vector<float> partial(slots * size, 0.0f);
-  auto body = [&](int, int64_t begin, int64_t end) {
+  auto body = [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
       float* acc = partial.data() + slot * size;
       for (int64_t b = slot * blocks / slots; b < (slot + 1) * blocks / slots; ++b) {
@@ -371,18 +370,24 @@ void FilterGrad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const 
       }
     }
   };
-  ParallelFor(pool, slots, 1, body, 64);
-  std::memset(dw, 0, size * sizeof(float));
-  for (int64_t slot = 0; slot < slots; ++slot) {
-    const float* src = partial.data() + slot * size;
-    for (int64_t e = 0; e < size; ++e) dw[e] += src[e];
-  }
+  ParallelFor(pool, slots, 1, body);
+  SumSlots(partial, slots, size, dw);
 }
 
-ffi::Error CheckShapes(const Geometry& g) {
-  if (g.k % kLanes != 0)
+// The geometry of a convolution from its NHWC input, HWIO kernel and NHWC
+// output shapes (the kernel is `w` for the forward pass, `dw` for the filter
+// gradient; the output is `y` or `dy`), or why they do not fit together.
+ffi::Error MakeGeometry(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                        ffi::Span<const int64_t> yd, int64_t stride, int64_t pad_top,
+                        int64_t pad_left, Geometry* g) {
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3] ||
+      yd[3] != wd[3] || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("har_conv: expects NHWC x, HWIO kernel, NHWC output");
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3],
+                yd[1], yd[2], stride, pad_top, pad_left};
+  if (g->k % kLanes != 0)
     return ffi::Error::InvalidArgument("har_conv: output channels must be a multiple of 16");
-  if (g.s < 1 || g.oh < 1 || g.ow < 1 || g.kh < 1 || g.kw < 1)
+  if (g->s < 1 || g->oh < 1 || g->ow < 1 || g->kh < 1 || g->kw < 1)
     return ffi::Error::InvalidArgument("har_conv: empty output, kernel or stride < 1");
   return ffi::Error::Success();
 }
@@ -390,13 +395,11 @@ ffi::Error CheckShapes(const Geometry& g) {
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad_top,
                        int64_t pad_left) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3] ||
-      yd[3] != wd[3] || yd[0] != xd[0])
-    return ffi::Error::InvalidArgument("har_conv_forward: expects NHWC x, HWIO w, NHWC y");
-  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3],
-             yd[1], yd[2], stride, pad_top, pad_left};
-  if (auto error = CheckShapes(g); error.failure()) return error;
+  Geometry g;
+  if (auto error = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride,
+                                pad_top, pad_left, &g);
+      error.failure())
+    return error;
   Forward(pool, g, x.typed_data(), w.typed_data(), y->typed_data());
   return ffi::Error::Success();
 }
@@ -404,13 +407,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 ffi::Error FilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                           int64_t stride, int64_t pad_top, int64_t pad_left) {
-  auto xd = x.dimensions(), dyd = dy.dimensions(), wd = dw->dimensions();
-  if (xd.size() != 4 || dyd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] ||
-      dyd[3] != wd[3] || dyd[0] != xd[0])
-    return ffi::Error::InvalidArgument("har_conv_filter_grad: expects NHWC x and dy, HWIO dw");
-  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3],
-             dyd[1], dyd[2], stride, pad_top, pad_left};
-  if (auto error = CheckShapes(g); error.failure()) return error;
+  Geometry g;
+  if (auto error = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), stride,
+                                pad_top, pad_left, &g);
+      error.failure())
+    return error;
   FilterGrad(pool, g, x.typed_data(), dy.typed_data(), dw->typed_data());
   return ffi::Error::Success();
 }
@@ -426,7 +427,7 @@ void BatchNormGradStats(ffi::ThreadPool& pool, int64_t rows, int64_t c, const fl
   constexpr int kRows = 4;  // rows in flight: four independent FMA chains
   const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(16, rows / 256));
   std::vector<float> partial(slots * 2 * c, 0.0f);
-  auto body = [&](int, int64_t begin, int64_t end) {
+  auto body = [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
       const int64_t first = slot * rows / slots, last = (slot + 1) * rows / slots;
       float* sum_dy = partial.data() + slot * 2 * c;
@@ -453,10 +454,8 @@ void BatchNormGradStats(ffi::ThreadPool& pool, int64_t rows, int64_t c, const fl
       }
     }
   };
-  ParallelFor(pool, slots, 1, body, 64);
-  std::memset(stats, 0, 2 * c * sizeof(float));
-  for (int64_t slot = 0; slot < slots; ++slot)
-    for (int64_t e = 0; e < 2 * c; ++e) stats[e] += partial[slot * 2 * c + e];
+  ParallelFor(pool, slots, 1, body);
+  SumSlots(partial, slots, 2 * c, stats);
 }
 
 ffi::Error BatchNormGradStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
@@ -478,25 +477,21 @@ ffi::Error BatchNormGradStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HarConvForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+// Both convolution handlers: (x, kernel or output gradient) -> result, with
+// the stride and the zero padding above and left.
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_left");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HarConvFilterGrad, FilterGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HarConvForward, ForwardImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HarConvFilterGrad, FilterGradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HarBatchNormGradStats, BatchNormGradStatsImpl,
                               ffi::Ffi::Bind()
