@@ -17,7 +17,7 @@ from har_jax.data import specs as data_specs
 DATASETS = tuple(data_specs.DATASET_SPECS)
 # Kept on the devices whole; the others stream from tfds (har_jax.data.streaming).
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
-LOSSES = ("ce", "focal", "ldam")
+LOSSES = ("ce", "focal", "ldam", "cdt", "logit_adjusted")
 HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
@@ -53,10 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
                                     # CPU device run on har_jax's kernels (auto: when
                                     # they build), else on XLA's (har_jax/cpu_conv.py)
   # Loss.
-  config.loss = "ce"                # ce | focal | ldam
+  config.loss = "ce"                # ce | focal | ldam | cdt | logit_adjusted
   config.focal_gamma = 1.0
   config.ldam_max_margin = 0.5
   config.ldam_scale = 30.0
+  config.cdt_gamma = 0.2            # CDT temperatures (n_max / n_j)^gamma
+  config.logit_adjust_tau = 1.0     # logit-adjusted loss ce(z + tau log pi); 1: balanced softmax
   config.har = True                 # False: every exit trains on every example
   config.har_threshold = 0.9        # training exit confidence
   config.exit_threshold = -1.0      # inference exit confidence; < 0: har_threshold
@@ -146,10 +148,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                       f"{error}") from None
   if (config.loss == "ldam") != (resolved_head(config) == "normed"):
     raise ConfigError("loss 'ldam' goes with the cosine head 'normed', whose "
-                      "logits it scales by ldam_scale, and 'ce'/'focal' with 'linear'; "
-                      "use head 'auto' to pair them.")
-  if config.focal_gamma < 0:
-    raise ConfigError(f"focal_gamma must be >= 0, got {config.focal_gamma}.")
+                      "logits it scales by ldam_scale, and the other losses with "
+                      "'linear'; use head 'auto' to pair them.")
+  for name in ("focal_gamma", "cdt_gamma"):
+    if config[name] < 0:
+      raise ConfigError(f"{name} must be >= 0, got {config[name]}.")
   for name in ("batch_size", "eval_batch_size"):
     size = config[name]
     if size <= 0 or size % num_devices:

@@ -118,6 +118,12 @@ def base_loss_fn(config: ml_collections.ConfigDict, class_counts) -> losses.Loss
   if config.loss == "ldam":
     margins = losses.ldam_margins(class_counts, config.ldam_max_margin)
     return functools.partial(losses.ldam, margins=margins, scale=config.ldam_scale)
+  if config.loss == "cdt":
+    return functools.partial(
+        losses.cdt, temperatures=losses.cdt_temperatures(class_counts, config.cdt_gamma))
+  if config.loss == "logit_adjusted":
+    return functools.partial(losses.logit_adjusted, log_prior=losses.log_prior(class_counts),
+                             tau=config.logit_adjust_tau)
   return losses.cross_entropy
 
 
