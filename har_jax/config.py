@@ -12,6 +12,7 @@ import ml_collections
 
 from har_jax import cpu_conv
 from har_jax import models
+from har_jax.data import sampling
 from har_jax.data import specs as data_specs
 
 DATASETS = tuple(data_specs.DATASET_SPECS)
@@ -44,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
                                     # (streaming sets: random-resized crop and flip)
   config.shot_many = 100            # many-shot: more than this many train images
   config.shot_few = 20              # few-shot: fewer than this many
+  config.sampler = "instance"       # instance | class_balanced | square_root |
+                                    # progressive | effective_number (data/sampling.py)
+  config.sampler_start_epoch = -1   # deferred re-sampling from this epoch (instance
+                                    # before it); negative: from the start
   # Model.
   config.model = "resnet32"
   config.exits = "CBEBEBE"          # C stem, B stage, E exit (the paper's notation)
@@ -63,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.har_threshold = 0.9        # training exit confidence
   config.exit_threshold = -1.0      # inference exit confidence; < 0: har_threshold
   config.drw_start_epoch = 160      # negative: no deferred re-weighting
-  config.drw_beta = 0.9999          # class-balanced "effective number" beta
+  config.drw_beta = 0.9999          # "effective number" beta of the DRW weights and
+                                    # of the effective_number sampler
   # Optimisation.
   config.num_epochs = 200
   config.num_train_steps = -1       # > 0 overrides num_epochs
@@ -138,6 +144,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     raise ConfigError(f"conv_impl 'native' computes in float32, not {config.dtype}; "
                       "use conv_impl 'auto' (native where it can) or 'xla'.")
   _one_of("schedule", config.schedule, SCHEDULES)
+  _one_of("sampler", config.sampler, sampling.SAMPLERS)
   if not config.imbalance_factor >= 1:
     raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "
                       f"smallest), got {config.imbalance_factor}.")

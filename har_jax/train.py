@@ -37,6 +37,7 @@ from har_jax.data import augment
 from har_jax.data import digits
 from har_jax.data import long_tail
 from har_jax.data import pipeline
+from har_jax.data import sampling
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15).
 PREEMPTED_EXIT_CODE = 143
@@ -202,19 +203,42 @@ def make_augment(config: ml_collections.ConfigDict, data: Any) -> Callable:
   return crop_flip_normalize
 
 
-def make_gather(config: ml_collections.ConfigDict,
-                data: pipeline.InMemoryData) -> Callable[[dict, jax.Array], dict]:
+def make_resampling(config: ml_collections.ConfigDict, class_counts,
+                    steps_per_epoch: int) -> Optional[sampling.Resampling]:
+  """The config's re-sampling, or None for instance sampling from the start
+  (the in-memory epoch permutation, the streaming shuffle)."""
+  if config.sampler == "instance":
+    return None
+  return sampling.Resampling(
+      config.sampler, tuple(class_counts), steps_per_epoch,
+      total_train_steps(config, steps_per_epoch), start_epoch=config.sampler_start_epoch,
+      beta=config.drw_beta)
+
+
+def make_gather(config: ml_collections.ConfigDict, data: pipeline.InMemoryData,
+                steps_per_epoch: int) -> Callable[[dict, jax.Array], dict]:
   """``(resident, step) -> batch``: global batch ``step`` gathered from the
-  training split on the devices (:func:`resident_training_split`)."""
-  num_train = data.num_train
+  training split on the devices (:func:`resident_training_split`), its
+  examples a function of the data seed and the step alone."""
+  resampling = make_resampling(config, data.class_counts, steps_per_epoch)
+  if resampling is None:
+    num_train = data.num_train
+
+    def indices_at(resident, step):
+      # The epoch's permutation is redrawn every step so that the step stays a
+      # function of state.step alone: 14 ms on 2 CPU cores for CIFAR-10-LT's
+      # 12,406 images, under 1% of that step.
+      return pipeline.train_indices(num_train, step=step,
+                                    global_batch_size=config.batch_size,
+                                    seed=resident["seed"])
+  else:
+    def indices_at(resident, step):
+      return resampling.train_indices(resident["class_order"], step=step,
+                                      seed=resident["seed"],
+                                      global_batch_size=config.batch_size)
 
   def gather(resident, step):
-    # The epoch's permutation is redrawn every step so that the step stays a
-    # function of state.step alone: 14 ms on 2 CPU cores for CIFAR-10-LT's
-    # 12,406 images, under 1% of that step.
-    indices = pipeline.train_indices(num_train, step=step,
-                                     global_batch_size=config.batch_size,
-                                     seed=resident["seed"])
+    indices = indices_at(resident, step)
     return {"images": resident["images"][indices], "labels": resident["labels"][indices]}
   return gather
 
@@ -269,7 +293,7 @@ def step_pieces(config: ml_collections.ConfigDict, model: models.ResNet, data: A
       augment=make_augment(config, data),
       forward=make_forward(model),
       loss=make_loss(config, data.class_counts, steps_per_epoch),
-      gather=make_gather(config, data) if in_memory else None)
+      gather=make_gather(config, data, steps_per_epoch) if in_memory else None)
 
 
 def make_train_step(pieces: StepPieces, tx: optax.GradientTransformation,
@@ -389,10 +413,12 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
 def resident_training_split(data: pipeline.InMemoryData,
                             config: ml_collections.ConfigDict,
                             mesh: jax.sharding.Mesh) -> dict:
-  """The training split and the data seed on every device: the second argument
-  of ``Steps.train_resident``."""
+  """The training split, its examples in class order (what re-sampling draws
+  from) and the data seed on every device: the second argument of
+  ``Steps.train_resident``."""
   return sharding.replicate_host_data(
       {"images": data.train.images, "labels": data.train.labels,
+       "class_order": sampling.class_order(data.train.labels),
        "seed": np.int32(config.seed)}, mesh)
 
 
@@ -551,7 +577,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     batches = sharding.prefetch_to_mesh(data.train_batches(
         start_step=start_step, global_batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count()), mesh)
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        resampling=make_resampling(config, data.class_counts, steps_per_epoch)), mesh)
   last_step_metrics = None
   window = None
   timed_from = None  # (step, time) after the first (compiling) step of this process
