@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from har_jax import cpu_conv
+from har_jax import mixing
 from har_jax import models
 from har_jax.data import sampling
 from har_jax.data import specs as data_specs
@@ -49,6 +50,14 @@ def base_config() -> ml_collections.ConfigDict:
                                     # progressive | effective_number (data/sampling.py)
   config.sampler_start_epoch = -1   # deferred re-sampling from this epoch (instance
                                     # before it); negative: from the start
+  # Mixing (har_jax/mixing.py).
+  config.mixing = "none"            # none | mixup | manifold | mfw
+  config.mixup_alpha = 1.0          # mixup / manifold mixup: lam ~ Beta(alpha, alpha)
+  config.mixing_stages = (0, 1, 2)  # manifold / mfw: boundaries drawn from per batch,
+                                    # 0 the input, k after stage k
+  config.mfw_max_probability = 0.5  # mfw: P(weakened) of the largest class ...
+  config.mfw_power = 1.0            # ... times (n_j / n_max)^power for class j
+  config.mfw_strength = 0.5         # mfw: partner share ~ U[0, strength], <= 1/2
   # Model.
   config.model = "resnet32"
   config.exits = "CBEBEBE"          # C stem, B stage, E exit (the paper's notation)
@@ -145,6 +154,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                       "use conv_impl 'auto' (native where it can) or 'xla'.")
   _one_of("schedule", config.schedule, SCHEDULES)
   _one_of("sampler", config.sampler, sampling.SAMPLERS)
+  _one_of("mixing", config.mixing, mixing.MIXINGS)
   if not config.imbalance_factor >= 1:
     raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "
                       f"smallest), got {config.imbalance_factor}.")
@@ -178,6 +188,23 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.exit_threshold > 1.0:
     raise ConfigError(f"exit_threshold is a softmax probability in [0, 1] (or "
                       f"negative for har_threshold), got {config.exit_threshold}.")
+  if not config.mixup_alpha > 0:
+    raise ConfigError(f"mixup_alpha must be > 0 (lam ~ Beta(alpha, alpha)), got "
+                      f"{config.mixup_alpha}.")
+  boundaries = create_model(config, num_classes=2).mixing_boundaries
+  stages = tuple(config.mixing_stages)
+  if not stages or any(stage not in boundaries for stage in stages):
+    raise ConfigError(f"mixing_stages must be a non-empty subset of {list(boundaries)} "
+                      f"(0 the input, k after stage k of {config.model}), got "
+                      f"{list(stages)}.")
+  if not 0.0 <= config.mfw_max_probability <= 1.0:
+    raise ConfigError(f"mfw_max_probability is a probability in [0, 1], got "
+                      f"{config.mfw_max_probability}.")
+  if config.mfw_power < 0:
+    raise ConfigError(f"mfw_power must be >= 0, got {config.mfw_power}.")
+  if not 0.0 < config.mfw_strength <= 0.5:
+    raise ConfigError(f"mfw_strength must be in (0, 0.5] (a weakened example keeps "
+                      f"the larger share of its features), got {config.mfw_strength}.")
   if config.shot_few > config.shot_many:
     raise ConfigError(f"shot_few ({config.shot_few}) must not exceed shot_many "
                       f"({config.shot_many}).")

@@ -31,6 +31,7 @@ from har_jax import cpu_conv
 from har_jax import early_exit
 from har_jax import losses
 from har_jax import metrics as metrics_lib
+from har_jax import mixing as mixing_lib
 from har_jax import models
 from har_jax import sharding
 from har_jax.data import augment
@@ -41,6 +42,8 @@ from har_jax.data import sampling
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15).
 PREEMPTED_EXIT_CODE = 143
+# Folded into a step's key for the draws of mixing.
+_MIXING_STREAM = 1
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -170,19 +173,23 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
 class StepPieces:
   """The methods a train step is made of, each chosen once when the step is built.
 
-  The step reads ``gather -> augment -> forward -> loss -> update``; every
-  piece is a pure function of arrays, and everything that changes during a run
-  (the step, the key) is an argument, so the step compiles once whichever
-  methods the pieces are. :func:`step_pieces` chooses them from a config;
-  another stage may replace one with ``dataclasses.replace``.
+  The step reads ``gather -> augment -> mix -> forward -> loss -> update``;
+  every piece is a pure function of arrays, and everything that changes during
+  a run (the step, the key, what mixing draws) is an argument, so the step
+  compiles once whichever methods the pieces are. :func:`step_pieces` chooses
+  them from a config; another stage may replace one with ``dataclasses.replace``.
   """
 
   # (images [B, H, W, C] uint8 or float, key) -> normalised float32 images.
   augment: Callable[[jax.Array, jax.Array], jax.Array]
-  # (params, batch_stats, images) -> (exit logits [E, B, C], new batch_stats).
-  forward: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
-  # (exit logits [E, B, C], labels [B], step) -> (scalar loss, exit index [B]).
-  loss: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  # (key, labels [B]) -> how the batch is mixed (a mixing.Mixing), or None.
+  mix: mixing_lib.MixFn
+  # (params, batch_stats, images, mixing) -> (exit logits [E, B, C], new batch_stats).
+  forward: Callable[[Any, Any, jax.Array, Optional[mixing_lib.Mixing]],
+                    tuple[jax.Array, Any]]
+  # (exit logits [E, B, C], labels [B], mixing, step) -> (scalar loss, exit index [B]).
+  loss: Callable[[jax.Array, jax.Array, Optional[mixing_lib.Mixing], jax.Array],
+                 tuple[jax.Array, jax.Array]]
   # (resident training split, step) -> {'images', 'labels'} of global batch
   # ``step``; None when the data streams from the host.
   gather: Optional[Callable[[dict, jax.Array], dict]] = None
@@ -243,32 +250,57 @@ def make_gather(config: ml_collections.ConfigDict, data: pipeline.InMemoryData,
   return gather
 
 
+def make_mix(config: ml_collections.ConfigDict, class_counts) -> mixing_lib.MixFn:
+  """``(key, labels) -> Mixing``: the config's mixing method (None for none)."""
+  return mixing_lib.mixing_fn(
+      config.mixing, alpha=config.mixup_alpha, boundaries=tuple(config.mixing_stages),
+      class_counts=class_counts, mfw_max_probability=config.mfw_max_probability,
+      mfw_power=config.mfw_power, mfw_strength=config.mfw_strength)
+
+
 def make_forward(model: models.ResNet) -> Callable:
-  """The training forward pass: batch statistics from the batch, updated."""
-  def forward(params, batch_stats, images):
+  """The training forward pass: batch statistics from the batch, updated; the
+  features mixed at the boundary the mixing drew."""
+  def forward(params, batch_stats, images, mixing):
     exit_logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                                       images, train=True, mutable=["batch_stats"])
+                                       images, train=True, mix=mixing,
+                                       mutable=["batch_stats"])
     return exit_logits, updates["batch_stats"]
   return forward
 
 
-def make_loss(config: ml_collections.ConfigDict, class_counts,
-              steps_per_epoch: int) -> Callable:
-  """``(exit_logits, labels, step) -> (loss, exit_index)``: HAR over the base
-  loss of the config, with the DRW weights from their epoch on."""
+def make_loss(config: ml_collections.ConfigDict, class_counts, steps_per_epoch: int,
+              exit_positions: tuple[int, ...]) -> Callable:
+  """``(exit_logits, labels, mixing, step) -> (loss, exit_index)``: HAR over the
+  base loss of the config, with the DRW weights from their epoch on; with
+  mixup or manifold mixup, over the mixed targets (``losses.mixed_har_loss``:
+  each exit judged by the dominant label, the exits before the mixing
+  boundary by the clean one). MFW keeps every label: the plain loss."""
   base = base_loss_fn(config, class_counts)
   scale = config_lib.logit_scale(config)
   # A threshold of 1 never qualifies an exit: every exit trains on everything.
   threshold = config.har_threshold if config.har else 1.0
   class_weights_at = make_drw_weights(config, class_counts, steps_per_epoch)
 
-  def loss(exit_logits, labels, step):
+  def plain(exit_logits, labels, mixing, step):
+    del mixing  # none, or MFW's, which keeps the labels
     value = losses.har_loss(exit_logits, labels, threshold=threshold, loss_fn=base,
                             class_weights=class_weights_at(step), logit_scale=scale)
     _, exit_index = losses.exit_masks(exit_logits, labels, threshold=threshold,
                                       logit_scale=scale)
     return value, exit_index
-  return loss
+
+  def mixed(exit_logits, labels, mixing, step):
+    partner_labels = labels[mixing.partners]
+    label_weights = mixing.exit_label_weights(exit_positions)
+    value = losses.mixed_har_loss(exit_logits, labels, partner_labels, label_weights,
+                                  threshold=threshold, loss_fn=base,
+                                  class_weights=class_weights_at(step), logit_scale=scale)
+    _, exit_index = losses.exit_masks(
+        exit_logits, losses.dominant_labels(labels, partner_labels, label_weights),
+        threshold=threshold, logit_scale=scale)
+    return value, exit_index
+  return mixed if config.mixing in mixing_lib.LABEL_MIXINGS else plain
 
 
 def make_drw_weights(config: ml_collections.ConfigDict, class_counts,
@@ -291,8 +323,9 @@ def step_pieces(config: ml_collections.ConfigDict, model: models.ResNet, data: A
   in_memory = isinstance(data, pipeline.InMemoryData)
   return StepPieces(
       augment=make_augment(config, data),
+      mix=make_mix(config, data.class_counts),
       forward=make_forward(model),
-      loss=make_loss(config, data.class_counts, steps_per_epoch),
+      loss=make_loss(config, data.class_counts, steps_per_epoch, model.exit_positions),
       gather=make_gather(config, data, steps_per_epoch) if in_memory else None)
 
 
@@ -303,10 +336,12 @@ def make_train_step(pieces: StepPieces, tx: optax.GradientTransformation,
     key = jax.random.fold_in(state.key, state.step)
     images = pieces.augment(batch["images"], key)
     labels = batch["labels"]
+    # Its own stream: the augmentation draws stay those of a run without mixing.
+    mixing = pieces.mix(jax.random.fold_in(key, _MIXING_STREAM), labels)
 
     def objective(params):
-      exit_logits, batch_stats = pieces.forward(params, state.batch_stats, images)
-      loss, exit_index = pieces.loss(exit_logits, labels, state.step)
+      exit_logits, batch_stats = pieces.forward(params, state.batch_stats, images, mixing)
+      loss, exit_index = pieces.loss(exit_logits, labels, mixing, state.step)
       return loss, (exit_logits, exit_index, batch_stats)
 
     (loss, (exit_logits, exit_index, batch_stats)), grads = jax.value_and_grad(
