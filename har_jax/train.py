@@ -1,9 +1,12 @@
 """Train state, the jitted train and eval steps, and the training loop.
 
 The steps are pure ``(state, batch) -> (state, metrics)`` functions compiled once
-per run: the learning rate, the DRW class weights and the augmentation key are
-all derived from ``state.step`` inside the step. The state is replicated over a
-one-axis mesh and the batch is split over it; the state is donated.
+per run: the learning rate, the DRW class weights, the re-sampled examples, the
+augmentation and the mixing draws are all derived from ``state.step`` inside the
+step. The train step is composed of pieces chosen once from the config
+(:class:`StepPieces`: gather -> augment -> mix -> forward -> loss -> update). The
+state is replicated over a one-axis mesh and the batch is split over it; the
+state is donated.
 """
 
 from __future__ import annotations
