@@ -45,6 +45,30 @@ def long_tail_counts(n_max: int, num_classes: int,
   return counts
 
 
+def subsample_counts(class_counts: Sequence[int],
+                     imbalance_factor: float) -> List[int]:
+  """What each class of a collected split keeps under the LDAM-DRW rule.
+
+  Classes are ranked by size, largest first (ties by index); the class of rank
+  r keeps ``long_tail_counts(n_max, C, rho)[r]`` examples, ``n_max`` the largest
+  class, or all it has when that is fewer. On a balanced split this is
+  CIFAR-LT's construction; rho = 1 keeps every class whole.
+
+  Args:
+    class_counts: ``[C]`` examples per class, each at least 1.
+    imbalance_factor: rho, at least 1.
+
+  Returns:
+    C integers, each at most the class's count.
+  """
+  counts = np.asarray(class_counts, np.int64)
+  targets = long_tail_counts(int(counts.max()), len(counts), imbalance_factor)
+  by_size = np.argsort(-counts, kind="stable")
+  kept = np.empty_like(counts)
+  kept[by_size] = np.minimum(counts[by_size], targets)
+  return [int(n) for n in kept]
+
+
 def long_tail_subset(labels: np.ndarray, counts: Sequence[int], seed: int,
                      held_out_per_class: int = 0) -> Tuple[np.ndarray, np.ndarray]:
   """The LDAM-DRW long-tailed subset of a balanced training split.
