@@ -29,6 +29,7 @@ import runs
 
 sys.path.insert(0, os.path.join(runs.REPO, "experiments"))
 import analyze  # pylint: disable=g-import-not-at-top,wrong-import-position
+import digits_folder  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CLASSES = ("ant", "bee", "cat")                 # sorted, as the folders list
 TRAIN_COUNTS = {"ant": 6, "bee": 30, "cat": 12}  # long-tailed, not in name order
@@ -126,6 +127,17 @@ def test_index_has_the_folders_classes_counts_and_files(folder):
   assert index.ignored == (os.path.join(root, "train", "bee", "notes.txt"),)
   assert index.other_folders == (os.path.join(root, "scratch"),)
   assert folder_index.dataset_spec(root, 48) == ((48, 48, 3), 3)  # the benchmark's
+
+
+def test_digits_folder_of_the_readme_example(tmp_path):
+  root = str(tmp_path / "digits")
+  written = digits_folder.write_digits_folder(root, imbalance_factor=10, seed=0)
+  index = folder_index.scan(root)
+  assert index.class_names == tuple(sorted(digits_folder.NAMES))
+  for split in ("train", "validation", "test"):
+    by_name = dict(zip(digits_folder.NAMES, written[split]))
+    assert index.splits[split].counts(10) == tuple(by_name[n] for n in index.class_names)
+  assert written["train"] == long_tail.long_tail_counts(114, 10, 10)
 
 
 def test_subsample_counts_follow_the_ldam_rule_by_class_size():
@@ -384,12 +396,15 @@ def test_command_line_reports_a_bad_folder_with_exit_code_2(tmp_path):
 # Training, exact resume and the analyses, in memory; a streaming run.
 
 
+TRAINED = dict(validation_per_class=1, eval_every_epochs=2)
+
+
 @pytest.fixture(scope="module")
 def trained(folder, tmp_path_factory):
   root, _ = folder
   # One image per class held out for validation: 45 training images, 2 steps an
   # epoch; validated at step 4, checkpointed at 3 and 6.
-  config = _config(root, validation_per_class=1, eval_every_epochs=2)
+  config = _config(root, **TRAINED)
   workdir = str(tmp_path_factory.mktemp("run"))
   return config, workdir, train.train_and_evaluate(config, workdir)
 
@@ -439,12 +454,17 @@ def test_analysis_names_the_classes(trained):
   assert os.path.exists(os.path.join(output, "exit_by_class.png"))
 
 
-def test_streaming_run_trains_and_evaluates(folder, tmp_path):
+def test_streaming_run_trains_and_evaluates(folder, trained, tmp_path):
   root, _ = folder
-  config = _config(root, image_folder_memory_mb=0.0, num_train_steps=2,
-                   checkpoint_every_steps=2)
+  _, workdir, _ = trained
+  # The trained run's last state goes on for a step on the streaming path; a
+  # fresh state would only add the compile of its initialisation.
+  shutil.copytree(os.path.join(workdir, "checkpoints", "6"),
+                  os.path.join(tmp_path, "checkpoints", "6"))
+  config = _config(root, **TRAINED, image_folder_memory_mb=0.0, num_train_steps=7)
   summary = train.train_and_evaluate(config, str(tmp_path))
-  assert summary["steps"] == 2 and summary["train_step_compiles"] == 1
+  assert summary["steps"] == 7 and summary["train_step_compiles"] == 1
   assert np.isfinite(summary["train_loss"])
-  assert summary["class_counts"] == [TRAIN_COUNTS[c] for c in CLASSES]
-  assert os.path.exists(tmp_path / image_folder.CHECK_FILE)
+  assert summary["class_counts"] == [5, 29, 11]
+  assert os.path.exists(tmp_path / image_folder.CHECK_FILE)  # the streaming path's
+  np.testing.assert_allclose(sum(summary["exit_fraction"]), 1.0, rtol=1e-6)
