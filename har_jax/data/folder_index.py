@@ -128,8 +128,8 @@ def scan(root: str) -> FolderIndex:
 
   Raises:
     FolderError: a missing ``train/`` or ``test/``, fewer than two classes, a
-      class folder without images, or a test or validation class that
-      ``train/`` lacks, a split folder without class folders.
+      split folder without class folders, a class folder without images, or a
+      test or validation class that ``train/`` lacks.
   """
   names = class_names(root)
   label_of = {name: label for label, name in enumerate(names)}
@@ -139,10 +139,11 @@ def scan(root: str) -> FolderIndex:
     if not os.path.isdir(split_dir):
       continue
     paths, labels = [], []
-    if not _folders(split_dir):
+    split_classes = _folders(split_dir)
+    if not split_classes:
       raise FolderError(f"{split_dir} holds no class folder; image_folder reads "
                         f"{LAYOUT}.")
-    for name in _folders(split_dir):
+    for name in split_classes:
       class_dir = os.path.join(split_dir, name)
       if name not in label_of:
         raise FolderError(
