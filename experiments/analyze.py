@@ -10,9 +10,6 @@ Restores the latest checkpoint of a trained workdir and writes, under
 - ``analysis.json``: every number behind them;
 - ``exit_by_class.png``: the fraction of test examples leaving at each exit, per
   class, classes ordered by training count (head to tail);
-
-Classes are named by the data set's class names where it has them (an
-``image_folder`` set's folder names), by their indices otherwise.
 - ``exit_by_group.png``: the same per shot group (many / medium / few, by the
   run's ``shot_many`` / ``shot_few``);
 - ``per_exit_accuracy.png``: the test accuracy of each exit alone;
@@ -21,7 +18,9 @@ Classes are named by the data set's class names where it has them (an
   (where they are shown), with the run's and the calibrated thresholds marked;
 - ``class_accuracy.png``: test accuracy of each class against its training count.
 
-The numbers come from the pure functions below; plotting only draws them.
+Classes are named by the data set's class names where it has them (an
+``image_folder`` set's folder names), by their indices otherwise. The numbers
+come from the pure functions below; plotting only draws them.
 A missing workdir, or one without a checkpoint, exits with status 2 and one line.
 """
 
