@@ -10,11 +10,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 
 
-def default_config():
-  spec = importlib.util.spec_from_file_location("default_config", DEFAULT_CONFIG)
+def paper_config(name):
+  """The config of ``configs/<name>.py``."""
+  spec = importlib.util.spec_from_file_location(
+      f"{name}_config", os.path.join(REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def default_config():
+  return paper_config("default")
 
 
 # Overrides that shrink the default run to seconds (7 steps make an epoch).
