@@ -124,13 +124,9 @@ def test_cifar_first_paper_run_trains_and_logs_to_tensorboard(cifar, tmp_path):
   assert np.isfinite(summary["train_loss"])
   assert len(summary["per_exit_accuracy"]) == 3
   np.testing.assert_allclose(sum(summary["exit_fraction"]), 1.0, rtol=1e-6)
-  # clu's writer, for real: its events read back with TensorFlow's reader.
-  values = {}
-  for path in tmp_path.glob("events.out.tfevents*"):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        values[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
-  assert values[("test/accuracy", 2)] == pytest.approx(summary["accuracy"])
+  # clu's writer, for real: its events read back with TensorBoard's reader.
+  assert runs.logged_scalars(tmp_path, "test/accuracy") == {
+      2: pytest.approx(summary["accuracy"])}
 
 
 # ----------------------------------------------------------------------------
