@@ -10,11 +10,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 
 
-def default_config():
-  spec = importlib.util.spec_from_file_location("default_config", DEFAULT_CONFIG)
+def paper_config(name):
+  """The config of ``configs/<name>.py``."""
+  spec = importlib.util.spec_from_file_location(
+      f"{name}_config", os.path.join(REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def default_config():
+  return paper_config("default")
 
 
 # Overrides that shrink the default run to seconds (7 steps make an epoch).
@@ -58,16 +64,17 @@ sys.meta_path.insert(0, BlockTensorFlow())
 """
 
 
-def logged_train_losses(workdir):
-  """``{step: training loss}`` as the run logged it to TensorBoard (every
-  ``log_every_steps``: the mean over the steps since the last record)."""
+def logged_scalars(workdir, tag):
+  """``{step: value}`` of scalar ``tag`` as the run logged it to TensorBoard
+  (``"train/loss"``: every ``log_every_steps``, the mean over the steps since
+  the last record; ``"test/accuracy"``: at the end)."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   events = event_accumulator.EventAccumulator(
       str(workdir), size_guidance={event_accumulator.TENSORS: 0})
   events.Reload()
   return {event.step: float(tensor_util.make_ndarray(event.tensor_proto))
-          for event in events.Tensors("train/loss")}
+          for event in events.Tensors(tag)}
 
 
 def assert_runs_agree(a, b, *, agreeing_steps=2, flips=10, test_examples=500,
@@ -94,7 +101,7 @@ def assert_runs_agree(a, b, *, agreeing_steps=2, flips=10, test_examples=500,
     prediction or exit (``test_examples`` in all, at least ``smallest_class``
     of each class), and the last step's loss to ``loss_rtol``.
   """
-  losses = [logged_train_losses(workdir) for workdir in (a, b)]
+  losses = [logged_scalars(workdir, "train/loss") for workdir in (a, b)]
   early = range(1, agreeing_steps + 1)
   assert all(step in losses[0] and step in losses[1] for step in early), (
       "log every step", sorted(losses[0]), sorted(losses[1]))
