@@ -36,6 +36,7 @@ import tensorflow_datasets as tfds
 
 from har_jax import config as config_lib
 from har_jax import train
+from har_jax import workdir as workdir_lib
 from har_jax.data import streaming
 from har_jax.data import tfds_sources
 import runs
@@ -229,7 +230,7 @@ def test_imagenet_lt_first_paper_run_trains_validates_and_caches_the_counts(
   assert summary["class_counts"] == counts
   assert len(summary["per_exit_accuracy"]) == 3
   np.testing.assert_allclose(sum(summary["exit_fraction"]), 1.0, rtol=1e-6)
-  cached = train._read_json(str(tmp_path / "class_counts.json"))
+  cached = workdir_lib.read_json(str(tmp_path / "class_counts.json"))
   assert cached == {"dataset": "imagenet_lt", "class_counts": counts}
   # The validation split (ImageNet-LT has one) was evaluated on the way.
   assert summary["validation"]["best_step"] == 5
