@@ -24,6 +24,17 @@ LOSSES = ("ce", "focal", "ldam")
 HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
+# The fields a rerun in a run's workdir may change (har_jax/workdir.py refuses a
+# change of any other): they set how often the run logs and saves, how many
+# checkpoints it keeps, the size of its evaluation batches, where its data is
+# read from and which kernels compute its convolutions, never what it trains or
+# reports beyond floating-point rounding. eval_every_epochs is not among them:
+# it decides the steps whose validation picks the best model. README.md,
+# "Resuming", lists them too.
+RESTART_SAFE_FIELDS = frozenset({
+    "log_every_steps", "checkpoint_every_steps", "max_checkpoints", "eval_batch_size",
+    "data_dir", "tfds_download", "conv_impl",
+})
 
 
 class ConfigError(ValueError):
