@@ -377,6 +377,24 @@ def test_an_unreadable_file_is_named_or_skipped(tmp_path, budget, caplog):
                                    skip_unreadable=True)
 
 
+def test_a_run_resumes_on_its_folder_moved_but_not_on_another(tmp_path):
+  root = _layout(tmp_path, {**GOOD, "train/a/2.png": _png()})
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  image_folder.load_from_config(_config(root), workdir=workdir)
+  moved = str(tmp_path / "moved")
+  shutil.copytree(root, moved)
+  image_folder.load_from_config(_config(moved), workdir=workdir)
+  os.remove(os.path.join(moved, "train", "a", "2.png"))
+  with pytest.raises(folder_index.FolderError) as error:
+    image_folder.load_from_config(_config(moved), workdir=workdir)
+  assert str(error.value) == (
+      f"the run in {workdir} was started on another folder (2 classes, class 0 'a' "
+      f"with 2 training images) than {moved} gives now (2 classes, class 0 'a' with "
+      f"1 training images); resume it on the folder it was trained on, or give this "
+      f"folder a new workdir.")
+
+
 def test_command_line_reports_a_bad_folder_with_exit_code_2(tmp_path):
   root = _layout(tmp_path, {"train/a/1.png": _png(), "train/b/1.png": _png()})
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -28,7 +28,6 @@ A file that does not decode stops the load with one line naming it, or, with
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
@@ -37,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from har_jax import sharding
+from har_jax import workdir as workdir_lib
 from har_jax.data import folder_index
 from har_jax.data import streaming
 from har_jax.data.folder_index import FolderError
@@ -47,6 +47,8 @@ from har_jax.data.pipeline import channel_mean_std
 
 NAME = "image_folder"
 CHECK_FILE = "image_folder_check.json"
+# The classes and training counts a workdir's run was started on.
+CLASSES_FILE = "image_folder_classes.json"
 _DECODE_BATCH = 256
 
 
@@ -95,9 +97,15 @@ def load_image_folder(root: str, *, image_size: int, memory_budget_mb: float,
 
 def load_from_config(config, *, workdir: Optional[str] = None
                      ) -> Union[InMemoryData, streaming.StreamingData]:
-  """:func:`load_image_folder` with the fields of a run's config."""
+  """:func:`load_image_folder` with the fields of a run's config.
+
+  With ``workdir``, the classes and training counts are recorded in
+  ``WORKDIR/image_folder_classes.json`` on the first load and must match it on
+  later ones: ``data_dir`` may change between a run's starts (a folder moved),
+  the data set may not.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  return load_image_folder(
+  data = load_image_folder(
       config.data_dir, image_size=config.image_size,
       memory_budget_mb=config.image_folder_memory_mb,
       imbalance_factor=config.imbalance_factor,
@@ -105,6 +113,36 @@ def load_from_config(config, *, workdir: Optional[str] = None
       skip_unreadable=config.image_folder_skip_unreadable,
       process_index=jax.process_index(), process_count=jax.process_count(),
       check_cache=os.path.join(workdir, CHECK_FILE) if workdir else None)
+  if workdir:
+    _check_same_classes(os.path.join(workdir, CLASSES_FILE), config.data_dir, data,
+                        write=jax.process_index() == 0)
+  return data
+
+
+def _check_same_classes(path: str, root: str, data, *, write: bool) -> None:
+  now = list(zip(data.class_names, data.class_counts))
+  recorded = workdir_lib.read_json(path)
+  if recorded is None:
+    if write:
+      workdir_lib.write_json(path, {"classes": now})
+    return
+  then = [tuple(pair) for pair in recorded["classes"]]
+  if then == now:
+    return
+  first = next((i for i, (a, b) in enumerate(zip(then, now)) if a != b),
+               min(len(then), len(now)))
+
+  def shown(classes):
+    text = f"{len(classes)} classes"
+    if first < len(classes):
+      text += (f", class {first} {classes[first][0]!r} with {classes[first][1]} "
+               f"training images")
+    return text
+
+  raise FolderError(
+      f"the run in {os.path.dirname(path)} was started on another folder "
+      f"({shown(then)}) than {root} gives now ({shown(now)}); resume it on the "
+      f"folder it was trained on, or give this folder a new workdir.")
 
 
 def _log_index(index: folder_index.FolderIndex) -> None:
@@ -211,9 +249,8 @@ def _unreadable_files(splits: Dict[str, FolderSplit], process_index: int,
   for which in sorted(splits):
     digest.update("\0".join([which, *splits[which].paths]).encode())
   fingerprint = digest.hexdigest()
-  if check_cache and os.path.exists(check_cache):
-    with open(check_cache, encoding="utf-8") as f:
-      cached = json.load(f)
+  cached = workdir_lib.read_json(check_cache) if check_cache else None
+  if cached is not None:
     if cached.get("fingerprint") == fingerprint:
       return set(cached["unreadable"])
     logging.warning("image_folder: the folder's files changed since %s was written; "
@@ -225,10 +262,8 @@ def _unreadable_files(splits: Dict[str, FolderSplit], process_index: int,
     readable = _readable(split.paths, process_index, process_count)
     unreadable.update(split.paths[~readable].tolist())
   if check_cache and process_index == 0:
-    temporary = check_cache + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-      json.dump({"fingerprint": fingerprint, "unreadable": sorted(unreadable)}, f)
-    os.replace(temporary, check_cache)
+    workdir_lib.write_json(check_cache, {"fingerprint": fingerprint,
+                                         "unreadable": sorted(unreadable)})
   return unreadable
 
 
