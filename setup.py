@@ -45,6 +45,9 @@ setuptools.setup(
         "scikit-learn>=1.3",
         # The plots of experiments/analyze.py.
         "matplotlib>=3.8",
+        # experiments/digits_folder.py writes PNG files with it, and the image-folder
+        # tests write their generated folder (matplotlib brings it too).
+        "pillow>=10",
     ],
     extras_require={
         "test": ["pytest>=8"],

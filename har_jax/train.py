@@ -329,6 +329,9 @@ def load_data(config: ml_collections.ConfigDict, *, workdir: Optional[str] = Non
   if config.dataset == "digits":
     return digits.load_digits(imbalance_factor=config.imbalance_factor,
                                seed=config.seed)
+  if config.dataset == "image_folder":
+    from har_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+    return image_folder.load_from_config(config, workdir=workdir)
   # TensorFlow is imported only for the tfds sources.
   from har_jax.data import streaming  # pylint: disable=g-import-not-at-top
   from har_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 import socket
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 import urllib.error
 
 import numpy as np
@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from har_jax.data import specs
 from har_jax.data.long_tail import long_tail_counts
+from har_jax.data.long_tail import long_tail_subset
 from har_jax.data.pipeline import ArrayDataset
 from har_jax.data.pipeline import InMemoryData
 from har_jax.data.pipeline import channel_mean_std
@@ -212,41 +213,6 @@ def _read_split(tfds_builder: tfds.core.DatasetBuilder, split: str,
   labels = np.concatenate(labels)
   check_labels(labels, num_classes, f"{tfds_builder.name} {split}")
   return np.concatenate(images).astype(np.uint8), labels.astype(np.int32)
-
-
-def long_tail_subset(labels: np.ndarray, counts: Sequence[int], seed: int,
-                     held_out_per_class: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-  """The LDAM-DRW long-tailed subset of a balanced training split.
-
-  For each class in order, its indices are shuffled by one
-  ``np.random.RandomState(seed)``; the first ``held_out_per_class`` go to the
-  held-out (validation) split and the next ``counts[class]`` to training.
-
-  Args:
-    labels: ``[N]`` labels of the balanced split.
-    counts: ``[C]`` training examples to keep per class.
-    seed: the subset's seed (LDAM-DRW uses 0).
-    held_out_per_class: validation examples per class, taken first.
-
-  Returns:
-    ``(train_indices, held_out_indices)``, each ordered by class.
-
-  Raises:
-    ValueError: naming a class that has too few examples.
-  """
-  rng = np.random.RandomState(seed)
-  train, held_out = [], []
-  for label, count in enumerate(counts):
-    indices = np.flatnonzero(labels == label)
-    needed = held_out_per_class + count
-    if len(indices) < needed:
-      raise ValueError(f"class {label} has {len(indices)} training examples; "
-                       f"the long tail needs {needed} ({held_out_per_class} "
-                       f"held out + {count}).")
-    rng.shuffle(indices)
-    held_out.append(indices[:held_out_per_class])
-    train.append(indices[held_out_per_class:needed])
-  return np.concatenate(train), np.concatenate(held_out)
 
 
 def load_cifar_lt(name: str, *, imbalance_factor: float, seed: int,
