@@ -20,6 +20,7 @@ from har_jax import config as config_lib
 from har_jax import early_exit
 from har_jax import sharding
 from har_jax import train
+from har_jax.data import mock
 from har_jax.data import pipeline
 
 import runs
@@ -180,3 +181,24 @@ def test_bad_settings_are_one_line_naming_the_field(tmp_path, overrides, message
     train.train_and_evaluate(_config(**overrides), str(workdir))
   assert "\n" not in str(error.value)
   assert not workdir.exists(), "nothing is written before the check"
+
+
+# The tfds paths: CIFAR-10-LT in memory and ImageNet-LT streamed, on tfds mock data.
+# One run each with a loss, a deferred sampler and a mixing at once, with HAR + DRW.
+@pytest.mark.parametrize("dataset, overrides", [
+    ("cifar10", {"imbalance_factor": 5.0, "validation_per_class": 0}),
+    ("imagenet_lt", {"image_size": 32, "shuffle_buffer": 64}),
+], ids=["cifar10_lt_in_memory", "imagenet_lt_streamed"])
+def test_methods_run_on_mock_tfds_sets(tmp_path, dataset, overrides):
+  config = runs.small_config(
+      dataset=dataset, model="resnet8", exits="CBEBEBE", tfds_download=False,
+      batch_size=16, eval_batch_size=64, num_train_steps=4, log_every_steps=2,
+      checkpoint_every_steps=4, eval_every_epochs=1000, **HAR_DRW,
+      loss="logit_adjusted", sampler="class_balanced", sampler_start_epoch=0,
+      mixing="manifold", **overrides)
+  with mock.mock_tfds(train_per_class=10, test_per_class=1):
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["steps"] == 4 and summary["train_step_compiles"] == 1
+  assert np.isfinite(summary["train_loss"])
+  assert len(summary["per_exit_accuracy"]) == 3
+  np.testing.assert_allclose(np.sum(summary["exit_fraction"]), 1.0, rtol=1e-5)
