@@ -54,6 +54,13 @@ def _per_class(correct, labels_onehot, mask, **_):
           "mask": labels_onehot * mask[:, None]}
 
 
+def _exit_by_group(exit_onehot, group_onehot, **_):
+  """Entry ``g * E + e`` averages "exits at e" over the examples of shot group g."""
+  groups, exits = group_onehot.shape[-1], exit_onehot.shape[-1]
+  return {"values": jnp.tile(exit_onehot, (1, groups)),
+          "mask": jnp.repeat(group_onehot, exits, axis=-1)}
+
+
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output("loss")
@@ -61,6 +68,8 @@ class TrainMetrics(clu_metrics.Collection):
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
   exit_fraction: PerIndexAverage.from_output("exit_onehot")   # [B, E]
   exit_accuracy: PerIndexAverage.from_output("exit_correct")  # [B, E]
+  # [G * E]: the fraction of shot group g's training examples exiting at exit e.
+  exit_fraction_by_group: PerIndexAverage.from_fun(_exit_by_group)
 
 
 @flax.struct.dataclass
