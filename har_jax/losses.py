@@ -5,8 +5,8 @@ Every function is a pure function of arrays that works under ``jax.jit``,
 being the backbone's own classifier), B examples and C classes.
 
 Arguments that change during a run (``threshold``, ``class_weights``,
-``logit_scale``) may be traced arrays, so one compiled train step serves every
-threshold and the switch to deferred re-weighting (DRW). Shape errors are raised
+``logit_scale``, ``margins``) may be traced arrays, so one compiled train step
+serves every threshold and the switch to deferred re-weighting (DRW). Shape errors are raised
 at trace time, before anything runs.
 """
 
@@ -79,15 +79,7 @@ def ldam(logits: Array, labels: Array, *, margins: ArrayLike,
   Returns:
     ``[...]`` float32 loss of each example.
   """
-  margins = jnp.asarray(margins, dtype=jnp.float32)
-  num_classes = logits.shape[-1]
-  if margins.shape != (num_classes,):
-    raise ValueError(
-        f"ldam: margins must have shape [C] = ({num_classes},) to match the "
-        f"logits {logits.shape}; got {margins.shape}.")
-  logits = _at_least_float32(logits)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-  shifted = logits - margins[labels][..., None] * onehot
+  shifted = _lowered_by_margin(_at_least_float32(logits), labels, margins, "ldam")
   return cross_entropy(scale * shifted, labels)
 
 
@@ -127,14 +119,45 @@ def class_balanced_weights(class_counts: ArrayLike, beta: float = 0.9999) -> Arr
   return jnp.asarray(weights, dtype=jnp.float32)
 
 
+def class_confidence(logits: Array, classes: Array, *,
+                     logit_scale: ArrayLike = 1.0,
+                     margins: Optional[ArrayLike] = None) -> Array:
+  """The probability an exit gives a class, as the loss sees it.
+
+  ``softmax(s * (z - m[c] * onehot(c)))[c]``: the class's logit is lowered by
+  its margin before the scaled softmax. With ``margins`` None (CE, focal) it is
+  ``softmax(s * z)[c]``; with LDAM's scale and margins it is
+  ``exp(-ldam(z, c))``, so a class with a larger margin (a rarer one) must beat
+  the others by more to be as confident.
+
+  Args:
+    logits: ``[..., C]`` scores.
+    classes: ``[...]`` integer class of each row (the label in training, the
+      prediction at inference).
+    logit_scale: scalar ``s`` (may be traced).
+    margins: optional ``[C]`` per-class margins (may be traced).
+
+  Returns:
+    ``[...]`` float32 probabilities.
+  """
+  logits = _at_least_float32(logits)
+  if margins is not None:
+    logits = _lowered_by_margin(logits, classes, margins, "class_confidence")
+  log_probs = jax.nn.log_softmax(logit_scale * logits, axis=-1)
+  return jnp.exp(jnp.take_along_axis(log_probs, classes[..., None], axis=-1)[..., 0])
+
+
 def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
-               logit_scale: ArrayLike = 1.0) -> Tuple[Array, Array]:
+               logit_scale: ArrayLike = 1.0,
+               margins: Optional[ArrayLike] = None) -> Tuple[Array, Array]:
   """Where each example exits during training, and which exits it trains.
 
   Exit ``i`` qualifies for example ``b`` when it classifies ``b`` correctly and
-  confidently: ``argmax z[i, b] == y[b]`` and ``softmax(s * z[i, b])[y[b]] > t``.
-  The example exits at the first qualifying exit, or at the last exit when none
-  qualifies, and contributes loss to every exit up to and including that one.
+  confidently: ``argmax z[i, b] == y[b]`` and
+  ``softmax(s * (z[i, b] - m[y[b]] * onehot(y[b])))[y[b]] > t``
+  (:func:`class_confidence`). The example exits at the first qualifying exit,
+  or at the last exit when none qualifies, and contributes loss to every exit
+  up to and including that one.
 
   A threshold of 1 or more never qualifies, which gives every example every
   exit (plain deep supervision).
@@ -144,7 +167,9 @@ def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
     labels: ``[B]`` integer class indices.
     threshold: scalar confidence threshold ``t`` (may be traced).
     logit_scale: scalar ``s`` applied before the softmax: 1 for CE and focal,
-      the LDAM scale for cosine heads. No margin is applied.
+      the LDAM scale for cosine heads.
+    margins: optional ``[C]`` class margins ``m`` (LDAM's, for cosine heads:
+      the confidence is then ``exp(-ldam loss)``); None: no margin.
 
   Returns:
     ``(masks, exit_index)``: ``masks`` ``[E, B]`` float32 with
@@ -154,9 +179,9 @@ def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
   _check_exit_inputs(exit_logits, labels)
   num_exits = exit_logits.shape[0]
   logits = jax.lax.stop_gradient(_at_least_float32(exit_logits))
-  log_probs = jax.nn.log_softmax(logit_scale * logits, axis=-1)
-  label_index = jnp.broadcast_to(labels, logits.shape[:2])[..., None]
-  confidence = jnp.exp(jnp.take_along_axis(log_probs, label_index, axis=-1)[..., 0])
+  label_index = jnp.broadcast_to(labels, logits.shape[:2])
+  confidence = class_confidence(logits, label_index, logit_scale=logit_scale,
+                                margins=margins)
   correct = jnp.argmax(logits, axis=-1) == labels[None, :]
   qualifies = correct & (confidence > threshold)
   # The last exit always takes whoever is left.
@@ -170,7 +195,8 @@ def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
              loss_fn: LossFn = cross_entropy,
              class_weights: Optional[ArrayLike] = None,
              where: Optional[Array] = None,
-             logit_scale: ArrayLike = 1.0) -> Array:
+             logit_scale: ArrayLike = 1.0,
+             margins: Optional[ArrayLike] = None) -> Array:
   """Hardness-aware re-weighted loss over all exits, as a weighted mean.
 
   ``L = sum_b v[b] w[y[b]] sum_i m[i,b] l(z[i,b], y[b]) / sum_b v[b] w[y[b]]``
@@ -192,13 +218,14 @@ def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
       DRW weights switched on by the step).
     where: optional ``[B]`` validity mask (bool or 0/1) for padded examples.
     logit_scale: scale of the confidence softmax, see :func:`exit_masks`.
+    margins: optional class margins of the confidence, see :func:`exit_masks`.
 
   Returns:
     Scalar float32 loss.
   """
   _check_exit_inputs(exit_logits, labels, class_weights=class_weights, where=where)
   masks, _ = exit_masks(exit_logits, labels, threshold=threshold,
-                        logit_scale=logit_scale)
+                        logit_scale=logit_scale, margins=margins)
   per_exit_loss = jax.vmap(loss_fn, in_axes=(0, None))(exit_logits, labels)  # [E, B]
   example_weight = jnp.ones(labels.shape, jnp.float32)
   if class_weights is not None:
@@ -218,6 +245,19 @@ def _at_least_float32(x: Array) -> Array:
   # Softmax of bfloat16 logits loses the small probabilities the loss depends on.
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _lowered_by_margin(logits: Array, classes: Array, margins: ArrayLike,
+                       caller: str) -> Array:
+  """``logits - margins[c] * onehot(c)`` for the class ``c`` of each row."""
+  num_classes = logits.shape[-1]
+  margins = jnp.asarray(margins, logits.dtype)
+  if margins.shape != (num_classes,):
+    raise ValueError(
+        f"{caller}: margins must have shape [C] = ({num_classes},) to match the "
+        f"logits {logits.shape}; got {margins.shape}.")
+  onehot = jax.nn.one_hot(classes, num_classes, dtype=logits.dtype)
+  return logits - margins[classes][..., None] * onehot
 
 
 def _positive_counts(class_counts: ArrayLike, caller: str) -> np.ndarray:

@@ -168,7 +168,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
   class_counts = data.class_counts
   num_classes = data.num_classes
   loss_fn = base_loss_fn(config, class_counts)
-  scale = config_lib.logit_scale(config)
+  confidence = config_lib.exit_confidence(config, class_counts)
   # A threshold of 1 never qualifies an exit: every exit trains on everything.
   har_threshold = config.har_threshold if config.har else 1.0
   exit_threshold = config_lib.inference_threshold(config)
@@ -208,7 +208,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
           mutable=["batch_stats"])
       loss = losses.har_loss(exit_logits, labels, threshold=har_threshold,
                              loss_fn=loss_fn, class_weights=class_weights_at(state.step),
-                             logit_scale=scale)
+                             **confidence)
       return loss, (exit_logits, updates["batch_stats"])
 
     (loss, (exit_logits, batch_stats)), grads = jax.value_and_grad(
@@ -223,7 +223,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
     for leaf in jax.tree.leaves(params):
       finite &= jnp.all(jnp.isfinite(leaf))
     _, exit_index = losses.exit_masks(exit_logits, labels, threshold=har_threshold,
-                                      logit_scale=scale)
+                                      **confidence)
     num_exits = exit_logits.shape[0]
     step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
         loss=loss, finite=finite.astype(jnp.float32), learning_rate=schedule(state.step),
@@ -238,7 +238,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
                                 images, train=False)
     labels, mask = batch["labels"], batch["mask"]
     predictions, exit_index = early_exit.predict(
-        exit_logits, threshold=exit_threshold, logit_scale=scale)
+        exit_logits, threshold=exit_threshold, **confidence)
     return metrics_lib.EvalMetrics.single_from_model_output(
         correct=predictions == labels, mask=mask,
         labels_onehot=jax.nn.one_hot(labels, num_classes),

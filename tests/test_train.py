@@ -76,15 +76,18 @@ def test_train_step_loss_switches_to_drw_weights_without_recompiling(loss):
   images = augment.normalize(local["images"], data.mean, data.std)
   exit_logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
   if loss == "ldam":
-    loss_fn = functools.partial(losses.ldam, margins=losses.ldam_margins(data.class_counts))
-    scale = config.ldam_scale
+    margins = losses.ldam_margins(data.class_counts)
+    loss_fn = functools.partial(losses.ldam, margins=margins)
+    # The default exit confidence of a cosine head: exp(-LDAM loss).
+    confidence = dict(logit_scale=config.ldam_scale, margins=margins)
   else:
-    loss_fn, scale = losses.cross_entropy, 1.0
+    loss_fn, confidence = losses.cross_entropy, dict(logit_scale=1.0)
   drw = losses.class_balanced_weights(data.class_counts, config.drw_beta)
   expected = {
       step: losses.har_loss(exit_logits, local["labels"], threshold=config.har_threshold,
-                            loss_fn=loss_fn, logit_scale=scale,
-                            class_weights=drw if step >= per_epoch else None)
+                            loss_fn=loss_fn,
+                            class_weights=drw if step >= per_epoch else None,
+                            **confidence)
       for step in (0, per_epoch)}
   for step, want in expected.items():
     # The same parameters at another step: only the schedule-derived values change.
@@ -134,6 +137,16 @@ def test_native_conv_impl_needs_one_device():
     config_lib.validate(config, num_devices=8)
   config.dtype = "bfloat16"
   with pytest.raises(config_lib.ConfigError, match="computes in float32"):
+    config_lib.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(exit_confidence="cosine"), "exit_confidence must be one of"),
+    (dict(exit_confidence_scale=0.0), "exit_confidence_scale.*got 0"),
+])
+def test_bad_exit_confidence_is_a_config_error(overrides, message):
+  config = runs.small_config(loss="ldam", **overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config, num_devices=1)
 
 
