@@ -137,6 +137,18 @@ def exit_confidence(config: ml_collections.ConfigDict, class_counts) -> dict:
   return {"logit_scale": logit_scale(config), "margins": margins}
 
 
+def starved_exits_advice(config: ml_collections.ConfigDict) -> str:
+  """What to change when a run's deep exits starve (``metrics.starved_exits_warning``)."""
+  if config.loss == "ldam" and config.exit_confidence != "margin":
+    return ("Set exit_confidence=margin (the LDAM loss's own probability), a higher "
+            "har_threshold, or har=False.")
+  if config.loss == "ldam":
+    return (f"Raise har_threshold (now {config.har_threshold:g}) or lower "
+            f"exit_confidence_scale (now {logit_scale(config):g}), or set har=False.")
+  return (f"Raise har_threshold (now {config.har_threshold:g}) so fewer training "
+          "examples leave early, or set har=False.")
+
+
 def inference_threshold(config: ml_collections.ConfigDict) -> float:
   if config.exit_threshold < 0:
     return float(config.har_threshold)

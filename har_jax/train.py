@@ -511,7 +511,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer.close()
   if jax.process_index() == 0:
     _write_json(summary_path, summary)
+    warn_if_exits_starved(config, summary)
   return summary
+
+
+def warn_if_exits_starved(config: ml_collections.ConfigDict,
+                          summary: dict) -> Optional[str]:
+  """Logs one warning line, and returns it, when a HAR run's deeper exit alone is
+  much worse than a shallower one (``metrics.starved_exits_warning``)."""
+  if not config.har:
+    return None
+  warning = metrics_lib.starved_exits_warning(
+      summary["per_exit_accuracy"], advice=config_lib.starved_exits_advice(config))
+  if warning:
+    logging.warning("%s", warning)
+  return warning
 
 
 def _check_finite(step: int, step_metrics: metrics_lib.TrainMetrics) -> None:
