@@ -9,10 +9,19 @@ fed random uint8 images of the data set's shape (``har_jax.data.specs``, or
 timed apart; then ``--warmup`` steps, then ``--steps`` steps, each waited for
 with ``block_until_ready``; the figure is the median step.
 
+An ``image_folder`` config takes its class count from the folder's
+``train/`` and its shape from ``image_size``, without reading an image.
+
 ``--against`` compiles a second step from the same config with the given
-fields changed (e.g. ``har=False`` or ``dtype=float32``) and times both in the
-same process, alternating step by step, so that the ratio does not depend on
-what else the machine is doing.
+fields changed (e.g. ``har=False``, ``dtype=float32`` or ``mixing=none``) and
+times both in the same process, alternating step by step, so that the ratio
+does not depend on what else the machine is doing.
+
+``--gather`` times ``Steps.train_resident`` instead: the step that gathers its
+batch from a training split kept on the devices (synthetic images of the
+long-tailed class counts, ``--largest_class`` in the largest class), as an
+in-memory run does, so that the samplers' draws (``--against=sampler=instance``)
+and the on-device crop and flip are timed too.
 
 FLOPs convention: the model's forward multiply-accumulates per image
 (``models.exit_flops``: convolutions and dense layers, every exit head
@@ -52,11 +61,12 @@ _NUM_CLASSES = flags.DEFINE_integer(
 _AGAINST = flags.DEFINE_list(
     "against", None, "FIELD=VALUE pairs: also time the config with these fields "
     "changed, interleaved with it, and report the ratio.")
-
-# Bounds the long-tailed class counts that LDAM margins and DRW weights come
-# from; their values change numbers, not the work done.
-_LARGEST_CLASS = 500
-
+_GATHER = flags.DEFINE_bool(
+    "gather", False, "Time the step that gathers its batch from a training split on "
+    "the devices (in-memory runs; re-sampling, crop and flip included).")
+_LARGEST_CLASS = flags.DEFINE_integer(
+    "largest_class", 500, "Examples in the largest class of the long-tailed counts "
+    "(5000 for CIFAR-LT's training split with --gather).")
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticStatistics:
@@ -107,6 +117,12 @@ def input_spec(config) -> tuple[tuple[int, int, int], int]:
   shape, classes = None, None
   if config.dataset in specs.DATASET_SPECS:
     shape, classes = specs.dataset_spec(config.dataset)
+  elif config.dataset == "image_folder" and config.data_dir:
+    from har_jax.data import folder_index  # pylint: disable=g-import-not-at-top
+    try:
+      shape, classes = folder_index.dataset_spec(config.data_dir, config.image_size)
+    except folder_index.FolderError as error:
+      raise app.UsageError(str(error)) from None
   if _IMAGE_SHAPE.value:
     shape = tuple(int(size) for size in _IMAGE_SHAPE.value)
   if _NUM_CLASSES.value:
@@ -119,15 +135,31 @@ def input_spec(config) -> tuple[tuple[int, int, int], int]:
 
 
 def class_counts(config, num_classes: int) -> tuple[int, ...]:
-  """Long-tailed class counts with the config's imbalance factor."""
+  """Long-tailed class counts with the config's imbalance factor. Without
+  ``--gather`` they set only numbers (LDAM margins, DRW weights), not the work."""
   from har_jax.data import long_tail  # pylint: disable=g-import-not-at-top
-  return tuple(long_tail.long_tail_counts(_LARGEST_CLASS, num_classes,
+  return tuple(long_tail.long_tail_counts(_LARGEST_CLASS.value, num_classes,
                                           config.imbalance_factor))
 
 
-def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
-                       ) -> CompiledStep:
-  """Compiles ``train.make_steps(...).train`` for synthetic data of this shape."""
+def synthetic_split(counts, image_shape, seed: int):
+  """An ``InMemoryData`` of random uint8 images with these class counts."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from har_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+  split = pipeline.ArrayDataset(
+      images=rng.integers(0, 256, (len(labels), *image_shape), np.uint8), labels=labels)
+  channels = image_shape[-1]
+  return pipeline.InMemoryData(train=split, validation=None, test=split,
+                               num_classes=len(counts), mean=(0.5,) * channels,
+                               std=(0.25,) * channels)
+
+
+def compile_train_step(config, image_shape, num_classes, *, name: str = "step",
+                       gather: bool = False) -> CompiledStep:
+  """Compiles ``train.make_steps(...).train`` for synthetic data of this shape
+  (with ``gather``, ``.train_resident`` and a synthetic training split)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from har_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -140,22 +172,26 @@ def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
 
   counts = class_counts(config, num_classes)
   channels = image_shape[-1]
-  statistics_ = SyntheticStatistics(counts, num_classes, (0.5,) * channels,
-                                    (0.25,) * channels)
+  if gather:
+    data = synthetic_split(counts, image_shape, config.seed)
+  else:
+    data = SyntheticStatistics(counts, num_classes, (0.5,) * channels, (0.25,) * channels)
   steps_per_epoch = max(sum(counts) // config.batch_size, 1)
   model = config_lib.create_model(config, num_classes)
   schedule = train.learning_rate_fn(config, steps_per_epoch, 10 * steps_per_epoch)
   tx = train.create_optimizer(config, schedule)
-  steps = train.make_steps(config, model, tx, statistics_, mesh, steps_per_epoch,
-                           schedule)
+  steps = train.make_steps(config, model, tx, data, mesh, steps_per_epoch, schedule)
   state = train.create_train_state(config, model, tx, image_shape, mesh)
-  rng = np.random.default_rng(config.seed)
-  batch = sharding.global_batch(
-      {"images": rng.integers(0, 256, (config.batch_size, *image_shape), np.uint8),
-       "labels": rng.integers(0, num_classes, (config.batch_size,), np.int32)}, mesh)
+  if gather:
+    step, batch = steps.train_resident, train.resident_training_split(data, config, mesh)
+  else:
+    rng = np.random.default_rng(config.seed)
+    step, batch = steps.train, sharding.global_batch(
+        {"images": rng.integers(0, 256, (config.batch_size, *image_shape), np.uint8),
+         "labels": rng.integers(0, num_classes, (config.batch_size,), np.int32)}, mesh)
 
   start = time.perf_counter()
-  compiled = steps.train.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -249,15 +285,17 @@ def main(argv):
   config = _CONFIG.value
   image_shape, num_classes = input_spec(config)
   print(f"{config.model} exits {config.exits}, loss {config.loss}, har {config.har}, "
-        f"dtype {config.dtype}, conv_impl {config.conv_impl}, batch {config.batch_size} of {image_shape}, "
+        f"sampler {config.sampler}, mixing {config.mixing}, dtype {config.dtype}, "
+        f"conv_impl {config.conv_impl}, batch {config.batch_size} of {image_shape}, "
         f"{num_classes} classes, {jax.device_count()} {jax.default_backend()} "
-        "device(s)", flush=True)
+        f"device(s){', gathered on the devices' if _GATHER.value else ''}", flush=True)
   compiled = {"config": compile_train_step(config, image_shape, num_classes,
-                                           name="config")}
+                                           name="config", gather=_GATHER.value)}
   if _AGAINST.value:
     name = ",".join(_AGAINST.value)
     compiled[name] = compile_train_step(parse_overrides(config, _AGAINST.value),
-                                        image_shape, num_classes, name=name)
+                                        image_shape, num_classes, name=name,
+                                        gather=_GATHER.value)
   seconds = time_interleaved({name: step.run for name, step in compiled.items()},
                              _STEPS.value, _WARMUP.value)
   devices = jax.device_count()
@@ -265,7 +303,8 @@ def main(argv):
              for name, step in compiled.items()}
   result = dict(reports["config"], image_shape=list(image_shape),
                 num_classes=num_classes, model=config.model, exits=config.exits,
-                loss=config.loss, har=config.har, dtype=config.dtype,
+                loss=config.loss, har=config.har, sampler=config.sampler,
+                mixing=config.mixing, gather=_GATHER.value, dtype=config.dtype,
                 conv_impl=config.conv_impl,
                 machine=machine())
   if _AGAINST.value:

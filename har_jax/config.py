@@ -12,17 +12,33 @@ import ml_collections
 
 from har_jax import cpu_conv
 from har_jax import losses
+from har_jax import mixing
 from har_jax import models
+from har_jax.data import sampling
 from har_jax.data import specs as data_specs
 
-DATASETS = tuple(data_specs.DATASET_SPECS)
-# Kept on the devices whole; the others stream from tfds (har_jax.data.streaming).
+# image_folder: a user's class folders (har_jax/data/image_folder.py), whose
+# shape and classes come from the folder.
+DATASETS = (*data_specs.DATASET_SPECS, "image_folder")
+# Kept on the devices whole; the others stream from tfds (har_jax.data.streaming),
+# and image_folder does either, by the size of its training split.
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
-LOSSES = ("ce", "focal", "ldam")
+LOSSES = ("ce", "focal", "ldam", "cdt", "logit_adjusted")
 EXIT_CONFIDENCES = ("margin", "softmax")
 HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
+# The fields a rerun in a run's workdir may change (har_jax/workdir.py refuses a
+# change of any other): they set how often the run logs and saves, how many
+# checkpoints it keeps, the size of its evaluation batches, where its data is
+# read from and which kernels compute its convolutions, never what it trains or
+# reports beyond floating-point rounding. eval_every_epochs is not among them:
+# it decides the steps whose validation picks the best model. README.md,
+# "Resuming", lists them too.
+RESTART_SAFE_FIELDS = frozenset({
+    "log_every_steps", "checkpoint_every_steps", "max_checkpoints", "eval_batch_size",
+    "data_dir", "tfds_download", "conv_impl",
+})
 
 
 class ConfigError(ValueError):
@@ -35,17 +51,38 @@ def base_config() -> ml_collections.ConfigDict:
   # Data.
   config.dataset = "digits"
   config.imbalance_factor = 100.0   # n_max / n_min of the long-tailed train split
-                                    # (digits, CIFAR; ImageNet-LT/iNat have their own)
-  config.validation_per_class = 0   # CIFAR: balanced validation held out of train
-  config.data_dir = ""              # tfds data directory; "": tfds's default
+                                    # (digits, CIFAR; ImageNet-LT/iNat have their own;
+                                    # image_folder: > 1 subsamples the folder's split
+                                    # by the LDAM-DRW rule, 1 keeps it as it is)
+  config.validation_per_class = 0   # CIFAR, image_folder: balanced validation held
+                                    # out of train
+  config.data_dir = ""              # tfds data directory; "": tfds's default;
+                                    # image_folder: ROOT of ROOT/{train,test}/<class>/*
+  config.image_folder_memory_mb = 2048.0  # image_folder: a training split decoding
+                                    # to at most this many MiB at image_size stays in
+                                    # memory (on every device), a larger one streams
+  config.image_folder_skip_unreadable = False  # image_folder: leave out files that
+                                    # do not decode (counted in the log), not stop
   config.tfds_download = True       # prepare a missing tfds set (needs internet)
-  config.image_size = 224           # streaming sets: network input S x S
+  config.image_size = 224           # streaming sets, image_folder: network input S x S
   config.shuffle_buffer = 10_000    # streaming sets: examples per process
   config.augment_pad = 4            # in-memory sets: zero padding before the random crop
   config.augment_flip = True        # in-memory sets: random horizontal flips
                                     # (streaming sets: random-resized crop and flip)
   config.shot_many = 100            # many-shot: more than this many train images
   config.shot_few = 20              # few-shot: fewer than this many
+  config.sampler = "instance"       # instance | class_balanced | square_root |
+                                    # progressive | effective_number (data/sampling.py)
+  config.sampler_start_epoch = -1   # deferred re-sampling from this epoch (instance
+                                    # before it); negative: from the start
+  # Mixing (har_jax/mixing.py).
+  config.mixing = "none"            # none | mixup | manifold | mfw
+  config.mixup_alpha = 1.0          # mixup / manifold mixup: lam ~ Beta(alpha, alpha)
+  config.mixing_stages = (0, 1, 2)  # manifold / mfw: boundaries drawn from per batch,
+                                    # 0 the input, k after stage k
+  config.mfw_max_probability = 0.5  # mfw: P(weakened) of the largest class ...
+  config.mfw_power = 1.0            # ... times (n_j / n_max)^power for class j
+  config.mfw_strength = 0.5         # mfw: partner share ~ U[0, strength], <= 1/2
   # Model.
   config.model = "resnet32"
   config.exits = "CBEBEBE"          # C stem, B stage, E exit (the paper's notation)
@@ -55,10 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
                                     # CPU device run on har_jax's kernels (auto: when
                                     # they build), else on XLA's (har_jax/cpu_conv.py)
   # Loss.
-  config.loss = "ce"                # ce | focal | ldam
+  config.loss = "ce"                # ce | focal | ldam | cdt | logit_adjusted
   config.focal_gamma = 1.0
   config.ldam_max_margin = 0.5
   config.ldam_scale = 30.0
+  config.cdt_gamma = 0.2            # CDT temperatures (n_max / n_j)^gamma
+  config.logit_adjust_tau = 1.0     # logit-adjusted loss ce(z + tau log pi); 1: balanced softmax
   config.har = True                 # False: every exit trains on every example
   config.har_threshold = 0.9        # training exit confidence
   config.exit_threshold = -1.0      # inference exit confidence; < 0: har_threshold
@@ -66,10 +105,12 @@ def base_config() -> ml_collections.ConfigDict:
                                     # margin: exp(-LDAM loss) of the class c,
                                     # softmax(s*(z - m_c*onehot(c)))[c]; softmax:
                                     # softmax(s*z)[c] (README: "HAR with LDAM");
-                                    # ce/focal always softmax(z)
+                                    # linear heads (the other losses) always
+                                    # softmax(z) of the raw logits
   config.exit_confidence_scale = -1.0  # cosine heads: s above; < 0: ldam_scale
   config.drw_start_epoch = 160      # negative: no deferred re-weighting
-  config.drw_beta = 0.9999          # class-balanced "effective number" beta
+  config.drw_beta = 0.9999          # "effective number" beta of the DRW weights and
+                                    # of the effective_number sampler
   # Optimisation.
   config.num_epochs = 200
   config.num_train_steps = -1       # > 0 overrides num_epochs
@@ -123,10 +164,11 @@ def exit_confidence(config: ml_collections.ConfigDict, class_counts) -> dict:
   ``margins`` of ``losses.exit_masks`` / ``har_loss`` and ``early_exit.predict``
   / ``Cascade`` / ``threshold_curve``.
 
-  CE and focal: ``softmax(z)``, no margins. LDAM with ``exit_confidence``
-  ``margin`` (the default): its scale and class margins, so that a confidence is
-  ``exp(-ldam loss)`` of the class and a rare class, with its larger margin,
-  exits later; ``softmax``: the scale alone.
+  Linear heads (CE, focal, CDT, logit-adjusted): ``softmax(z)`` of the raw
+  logits, whatever the training loss does to them; no margins. LDAM with
+  ``exit_confidence`` ``margin`` (the default): its scale and class margins, so
+  that a confidence is ``exp(-ldam loss)`` of the class and a rare class, with
+  its larger margin, exits later; ``softmax``: the scale alone.
 
   Args:
     class_counts: ``[C]`` training examples per class (for LDAM's margins).
@@ -181,6 +223,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     raise ConfigError(f"conv_impl 'native' computes in float32, not {config.dtype}; "
                       "use conv_impl 'auto' (native where it can) or 'xla'.")
   _one_of("schedule", config.schedule, SCHEDULES)
+  _one_of("sampler", config.sampler, sampling.SAMPLERS)
+  _one_of("mixing", config.mixing, mixing.MIXINGS)
   if not config.imbalance_factor >= 1:
     raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "
                       f"smallest), got {config.imbalance_factor}.")
@@ -191,10 +235,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                       f"{error}") from None
   if (config.loss == "ldam") != (resolved_head(config) == "normed"):
     raise ConfigError("loss 'ldam' goes with the cosine head 'normed', whose "
-                      "logits it scales by ldam_scale, and 'ce'/'focal' with 'linear'; "
-                      "use head 'auto' to pair them.")
-  if config.focal_gamma < 0:
-    raise ConfigError(f"focal_gamma must be >= 0, got {config.focal_gamma}.")
+                      "logits it scales by ldam_scale, and the other losses with "
+                      "'linear'; use head 'auto' to pair them.")
+  for name in ("focal_gamma", "cdt_gamma"):
+    if config[name] < 0:
+      raise ConfigError(f"{name} must be >= 0, got {config[name]}.")
   for name in ("batch_size", "eval_batch_size"):
     size = config[name]
     if size <= 0 or size % num_devices:
@@ -216,6 +261,23 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.exit_confidence_scale == 0:
     raise ConfigError("exit_confidence_scale is the softmax scale of a cosine head's "
                       "exit confidences: positive, or negative for ldam_scale; got 0.")
+  if not config.mixup_alpha > 0:
+    raise ConfigError(f"mixup_alpha must be > 0 (lam ~ Beta(alpha, alpha)), got "
+                      f"{config.mixup_alpha}.")
+  boundaries = create_model(config, num_classes=2).mixing_boundaries
+  stages = tuple(config.mixing_stages)
+  if not stages or any(stage not in boundaries for stage in stages):
+    raise ConfigError(f"mixing_stages must be a non-empty subset of {list(boundaries)} "
+                      f"(0 the input, k after stage k of {config.model}), got "
+                      f"{list(stages)}.")
+  if not 0.0 <= config.mfw_max_probability <= 1.0:
+    raise ConfigError(f"mfw_max_probability is a probability in [0, 1], got "
+                      f"{config.mfw_max_probability}.")
+  if config.mfw_power < 0:
+    raise ConfigError(f"mfw_power must be >= 0, got {config.mfw_power}.")
+  if not 0.0 < config.mfw_strength <= 0.5:
+    raise ConfigError(f"mfw_strength must be in (0, 0.5] (a weakened example keeps "
+                      f"the larger share of its features), got {config.mfw_strength}.")
   if config.shot_few > config.shot_many:
     raise ConfigError(f"shot_few ({config.shot_few}) must not exceed shot_many "
                       f"({config.shot_many}).")
@@ -232,6 +294,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.validation_per_class < 0:
     raise ConfigError(f"validation_per_class must be >= 0, got "
                       f"{config.validation_per_class}.")
+  if config.dataset == "image_folder" and not config.data_dir:
+    raise ConfigError("dataset 'image_folder' reads the folder --config.data_dir=ROOT "
+                      "(ROOT/train/<class>/*, ROOT/test/<class>/*); none was given.")
+  if config.image_folder_memory_mb < 0:
+    raise ConfigError(f"image_folder_memory_mb must be >= 0, got "
+                      f"{config.image_folder_memory_mb}.")
   if config.dataset not in IN_MEMORY_DATASETS:
     if config.image_size < 32:
       raise ConfigError(f"image_size must be at least 32, got {config.image_size}.")

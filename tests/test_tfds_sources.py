@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from har_jax import config as config_lib
 from har_jax import data
@@ -9,6 +11,7 @@ from har_jax import train
 from har_jax.data import mock
 from har_jax.data import streaming
 from har_jax.data import tfds_sources
+import runs
 
 
 @pytest.mark.parametrize("name, num_classes, rho", [("cifar10", 10, 10),
@@ -144,6 +147,44 @@ def test_streaming_order_is_a_pure_function_of_seed_and_step():
   assert not np.array_equal(run[0]["labels"], other["labels"])
 
 
+def test_resampled_stream_has_the_sampler_shares():
+  counts = [300, 90, 30, 8]
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(4), counts))
+  resampling = data.Resampling("class_balanced", tuple(counts), steps_per_epoch=10,
+                               total_steps=100)
+  stream = streaming.resample(tf.data.Dataset.from_tensor_slices({"label": labels}),
+                              resampling.example_multiplicity(0), seed=5)
+  total = 4 * len(labels)
+  drawn = np.bincount([example["label"] for example in
+                       tfds.as_numpy(stream.take(total))], minlength=4)
+  expected = total * np.asarray(data.class_sampling_shares(counts, "class_balanced"))
+  tolerance = 4.5 * np.sqrt(expected * (1 - expected / total)) + 1
+  assert np.all(np.abs(drawn - expected) <= tolerance), (drawn, expected)
+
+
+def test_resampled_streaming_order_resumes_exactly():
+  # 200 examples with distinct labels; pretend counts make the classes' copies differ.
+  counts = tuple(1 + 3 * (label % 4) for label in range(1000))
+  with mock.mock_tfds(num_examples=200):
+    loaded = _streaming("imagenet_lt", class_counts=counts)
+    resampling = data.Resampling("class_balanced", counts, steps_per_epoch=6,
+                                 total_steps=60, start_epoch=1)
+    kwargs = dict(global_batch_size=32, seed=3, resampling=resampling)
+    run = _collect(loaded.train_batches(start_step=0, **kwargs), 14)
+    resumed = _collect(loaded.train_batches(start_step=8, **kwargs), 6)
+  for offset, batch in enumerate(resumed):
+    np.testing.assert_array_equal(batch["labels"], run[8 + offset]["labels"])
+    np.testing.assert_array_equal(batch["images"], run[8 + offset]["images"])
+  first, second = (np.concatenate([b["labels"] for b in run[e * 6:(e + 1) * 6]])
+                   for e in (0, 1))
+  assert len(np.unique(first)) == len(first), "epoch 0 precedes the start epoch"
+  assert len(np.unique(second)) < len(second), "epoch 1 draws copies"
+  # Class-balanced over N = 5500 pretended examples: an example of a class of 1
+  # (label % 4 == 0) comes 5.5 times on average, one of a class of 10 0.55 times,
+  # so the first kind is about 2/3 of epoch 1 against 1/4 of epoch 0.
+  assert np.mean(second % 4 == 0) > 0.5 > np.mean(first % 4 == 0)
+
+
 def test_each_process_reads_only_its_shard_and_evaluation_covers_all_once():
   with mock.mock_tfds(num_examples=203):
     shards = [_streaming("imagenet_lt", p, 3, class_counts=(1,) * 1000)
@@ -164,44 +205,12 @@ def test_each_process_reads_only_its_shard_and_evaluation_covers_all_once():
     assert all(b["images"].shape == (10, 32, 32, 3) for b in part)
 
 
-def _paper_config(name):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.mark.parametrize("name, dataset, model", [
     ("cifar10_lt", "cifar10", "resnet32"), ("cifar100_lt", "cifar100", "resnet32"),
     ("imagenet_lt", "imagenet_lt", "resnext50_32x4d"),
     ("inat18", "i_naturalist2018", "resnet50")])
 def test_paper_configs_are_valid(name, dataset, model):
-  config = _paper_config(name)
+  config = runs.paper_config(name)
   config_lib.validate(config, num_devices=8)
   assert (config.dataset, config.model) == (dataset, model)
   assert config.loss == "ldam" and config.har and config.drw_start_epoch > 0
-
-
-def test_streaming_run_trains_evaluates_and_caches_the_class_counts(tmp_path):
-  config = _paper_config("imagenet_lt")
-  # 1000 examples, 5 steps an epoch: one epoch, validated at its end.
-  config.update(model="resnet8", exits="CBEBEBE", image_size=32, batch_size=200,
-                eval_batch_size=400, num_train_steps=5, warmup_epochs=0,
-                drw_start_epoch=0, shuffle_buffer=64, log_every_steps=1,
-                eval_every_epochs=1, checkpoint_every_steps=5)
-  workdir = str(tmp_path / "run")
-  with mock.mock_tfds(train_per_class=1, test_per_class=1):
-    summary = train.train_and_evaluate(config, workdir)
-  assert summary["steps"] == 5 and summary["train_step_compiles"] == 1
-  assert np.isfinite(summary["train_loss"])
-  assert summary["class_counts"] == [1] * 1000
-  assert len(summary["per_exit_accuracy"]) == 3
-  np.testing.assert_allclose(sum(summary["exit_fraction"]), 1.0, rtol=1e-6)
-  cached = train._read_json(str(tmp_path / "run" / "class_counts.json"))
-  assert cached == {"dataset": "imagenet_lt", "class_counts": [1] * 1000}
-  # The validation split (ImageNet-LT has one) was evaluated on the way.
-  assert summary["validation"]["best_step"] == 5
