@@ -11,8 +11,8 @@ being the backbone's own classifier), B examples and C classes.
 
 Arguments that change during a run (``threshold``, ``class_weights``,
 ``logit_scale``, ``margins``) may be traced arrays, so one compiled train step
-serves every threshold and the switch to deferred re-weighting (DRW). Shape errors are raised
-at trace time, before anything runs.
+serves every threshold and the switch to deferred re-weighting (DRW). Shape
+errors are raised at trace time, before anything runs.
 """
 
 from __future__ import annotations
@@ -197,9 +197,9 @@ def class_confidence(logits: Array, classes: Array, *,
 
   ``softmax(s * (z - m[c] * onehot(c)))[c]``: the class's logit is lowered by
   its margin before the scaled softmax. With ``margins`` None (linear heads: CE,
-  focal, CDT, logit-adjusted) it is ``softmax(s * z)[c]``; with LDAM's scale and margins it is
-  ``exp(-ldam(z, c))``, so a class with a larger margin (a rarer one) must beat
-  the others by more to be as confident.
+  focal, CDT, logit-adjusted) it is ``softmax(s * z)[c]``; with LDAM's scale
+  and margins it is ``exp(-ldam(z, c))``, so a class with a larger margin (a
+  rarer one) must beat the others by more to be as confident.
 
   Args:
     logits: ``[..., C]`` scores.
