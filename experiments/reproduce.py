@@ -67,7 +67,7 @@ def smoke_fields(recipe: tables_lib.Recipe, run: tables_lib.Run) -> dict:
   size, batch and schedule for every data set, so that the runs share the
   operations compiled for the first one (they run op by op)."""
   fields = dict(model=recipe.smoke_model, num_train_steps=2, batch_size=16,
-                eval_batch_size=200, image_size=32, shuffle_buffer=64, warmup_epochs=0,
+                eval_batch_size=64, image_size=32, shuffle_buffer=64, warmup_epochs=0,
                 lr_decay_epochs=(1,), log_every_steps=1, checkpoint_every_steps=2,
                 shot_many=50, shot_few=10, tfds_download=False)
   if run.drw:
@@ -76,7 +76,7 @@ def smoke_fields(recipe: tables_lib.Recipe, run: tables_lib.Run) -> dict:
 
 
 # --smoke: the second stages' fields (decouple.run's overrides), as smoke_fields.
-SMOKE_STAGE_FIELDS = dict(num_train_steps=2, batch_size=16, eval_batch_size=200,
+SMOKE_STAGE_FIELDS = dict(num_train_steps=2, batch_size=16, eval_batch_size=64,
                           log_every_steps=1, checkpoint_every_steps=2)
 
 
