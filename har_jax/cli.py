@@ -67,3 +67,29 @@ def report(stage: Callable[[], dict]) -> None:
     print(f"har_jax: {error}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(summary, sort_keys=True))
+
+
+def define_process_flags() -> tuple:
+  """``--coordinator_address``, ``--num_processes``, ``--process_id``: the
+  arguments of ``jax.distributed.initialize`` for a multi-process run."""
+  return (
+      flags.DEFINE_string("coordinator_address", None,
+                          "host:port of process 0 (multi-process runs)."),
+      flags.DEFINE_integer("num_processes", None,
+                           "Number of processes (multi-process runs)."),
+      flags.DEFINE_integer("process_id", None,
+                           "Index of this process (multi-process runs)."))
+
+
+def no_positional_arguments(argv) -> None:
+  if len(argv) > 1:
+    usage_error(f"unexpected arguments {argv[1:]}; flags take the form --name=value.")
+
+
+def initialize_processes(process_flags: tuple) -> None:
+  """Starts ``jax.distributed`` from :func:`define_process_flags`'s flags."""
+  from har_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    sharding.initialize_distributed(*(flag.value for flag in process_flags))
+  except ValueError as error:
+    usage_error(str(error))

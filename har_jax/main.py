@@ -19,17 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
                                "TensorBoard events and summary.json.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Number of processes (multi-process runs).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "Index of this process (multi-process runs).")
+_PROCESSES = cli.define_process_flags()
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.usage_error(f"unexpected arguments {argv[1:]}; flags take the form --name=value.")
+  cli.no_positional_arguments(argv)
   if _WORKDIR.value is None:
     cli.usage_error("--workdir is required: checkpoints, logs and summary.json go there.")
   try:
@@ -40,11 +34,9 @@ def main(argv):
   # Imported after flag parsing so that --help and usage errors stay fast.
   import jax  # pylint: disable=g-import-not-at-top
   from har_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from har_jax import sharding  # pylint: disable=g-import-not-at-top
   from har_jax import train  # pylint: disable=g-import-not-at-top
+  cli.initialize_processes(_PROCESSES)
   try:
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                    _PROCESS_ID.value)
     config_lib.validate(config, num_devices=jax.device_count(),
                         num_processes=jax.process_count())
   except ValueError as error:  # config.ConfigError among them

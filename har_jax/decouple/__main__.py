@@ -21,29 +21,18 @@ _METHOD = flags.DEFINE_string("method", None, "crt, lws, tau_norm or logit_adjus
 _CONFIG = config_flags.DEFINE_config_dict(
     "config", config_lib.base_config(), "The stage's config: the run's, with the "
     "method's recipe; set a field with --config.FIELD=VALUE.", lock_config=True)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Number of processes (multi-process runs).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "Index of this process (multi-process runs).")
+_PROCESSES = cli.define_process_flags()
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.usage_error(f"unexpected arguments {argv[1:]}; flags take the form --name=value.")
+  cli.no_positional_arguments(argv)
   if _WORKDIR.value is None:
     cli.usage_error("--workdir is required: the folder of the finished run to decouple.")
   from har_jax import decouple  # pylint: disable=g-import-not-at-top
-  from har_jax import sharding  # pylint: disable=g-import-not-at-top
   if _METHOD.value not in decouple.METHODS:
     cli.usage_error(f"--method must be one of {list(decouple.METHODS)}, got "
                     f"{_METHOD.value!r}.")
-  try:
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                    _PROCESS_ID.value)
-  except ValueError as error:
-    cli.usage_error(str(error))
+  cli.initialize_processes(_PROCESSES)
   cli.quiet_libraries()
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   cli.report(lambda: decouple.run(_WORKDIR.value, _METHOD.value, overrides))
