@@ -70,11 +70,15 @@ def plain_backbone(model):
   return jax.jit(run)
 
 
-def all_exits(model, threshold, logit_scale):
-  """Jitted ``early_exit.predict`` on every exit's logits."""
+def all_exits(model, threshold, confidence):
+  """Jitted ``early_exit.predict`` on every exit's logits.
+
+  Args:
+    confidence: ``logit_scale`` and ``margins`` (``TrainedRun.confidence``).
+  """
   def run(variables, x):
     return early_exit.predict(model.apply(variables, x, train=False),
-                              threshold=threshold, logit_scale=logit_scale)
+                              threshold=threshold, **confidence)
   return jax.jit(run)
 
 
@@ -129,10 +133,10 @@ def main(argv):
   model = run.model
   flops = models.exit_flops(model, run.data.image_shape)
 
-  cascade = early_exit.Cascade(model, variables, logit_scale=run.logit_scale,
+  cascade = early_exit.Cascade(model, variables, **run.confidence,
                                min_bucket=_MIN_BUCKET.value, device=device)
   plain = plain_backbone(model)
-  every_exit = all_exits(model, threshold, run.logit_scale)
+  every_exit = all_exits(model, threshold, run.confidence)
   methods = {
       "full": lambda x: plain(variables, x),
       "cascade": lambda x: cascade(x, threshold=threshold),

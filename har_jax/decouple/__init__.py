@@ -285,7 +285,7 @@ class _Stage:
                    [f"{row.max():.4f}" for row in curve])
       params = (tau_normalized_params(params, best, num_exits) if self.method == "tau_norm"
                 else logit_adjusted_params(params, best, self.data.class_counts,
-                                           config_lib.logit_scale(self.config),
+                                           _score_scale(self.config),
                                            self.data.num_classes))
       chosen = {"tau": best, "tau_grid": taus.tolist(),
                 "tau_curve": [row.tolist() for row in curve]}
@@ -302,7 +302,7 @@ class _Stage:
     return lambda exit_, z, tau: (z - biases[exit_]) / norms[exit_] ** tau
 
   def _logit_adjusted(self) -> Callable:
-    scale, counts = config_lib.logit_scale(self.config), self.data.class_counts
+    scale, counts = _score_scale(self.config), self.data.class_counts
     return lambda exit_, z, tau: adjust_logits(scale * z, counts, tau)
 
   def _save(self, params) -> None:
@@ -325,7 +325,7 @@ class _Stage:
     """Re-calibrates the exit threshold and evaluates the test split."""
     state, _ = train.restore_trained_state(self.config, self.directory, self.model,
                                            self.data.image_shape, self.mesh)
-    scale = config_lib.logit_scale(self.config)
+    confidence = config_lib.exit_confidence(self.config, self.data.class_counts)
     flops = self.flops
     logits = {}
     drop = self.config.decouple_max_accuracy_drop
@@ -336,7 +336,7 @@ class _Stage:
       logits[self.chosen_on] = self.split_logits(self.model, state, self.chosen_on)
       curve = early_exit.threshold_curve(*logits[self.chosen_on],
                                          early_exit.CALIBRATION_THRESHOLDS,
-                                         flops.per_exit, flops.backbone, logit_scale=scale)
+                                         flops.per_exit, flops.backbone, **confidence)
       calibration = early_exit.calibrate_threshold(curve, max_accuracy_drop=drop)
       threshold = calibration.threshold
       threshold_choice = {
@@ -349,8 +349,8 @@ class _Stage:
     groups = long_tail.shot_groups(self.data.class_counts, self.config.shot_many,
                                    self.config.shot_few)
     summary = metrics.logits_summary(
-        *logits["test"], threshold=threshold, logit_scale=scale, shot_groups=groups,
-        exit_flops=flops.per_exit, backbone_flops=flops.backbone)
+        *logits["test"], threshold=threshold, shot_groups=groups,
+        exit_flops=flops.per_exit, backbone_flops=flops.backbone, **confidence)
     summary.update(trained, exit_threshold=threshold, exit_flops=list(flops.per_exit),
                    backbone_flops=flops.backbone,
                    class_counts=list(self.data.class_counts))
@@ -391,6 +391,12 @@ class _Stage:
     logging.info("%s: the exit logits of the %d images of the %s split.", self.method,
                  sum(map(len, labels)), which)
     return np.concatenate(parts, axis=1), np.concatenate(labels)
+
+
+def _score_scale(config: ml_collections.ConfigDict) -> float:
+  """The scale of the class scores the training loss saw: LDAM's on its cosine
+  logits, 1 for the raw logits of linear heads."""
+  return float(config.ldam_scale) if config.loss == "ldam" else 1.0
 
 
 def from_run(run_state: train.TrainState, fresh: train.TrainState, *,
@@ -435,16 +441,17 @@ def tau_normalized_params(params: dict, taus: Sequence[float], num_exits: int) -
 
 
 def logit_adjusted_params(params: dict, taus: Sequence[float], class_counts: Sequence[int],
-                          logit_scale: float, num_classes: int) -> dict:
+                          score_scale: float, num_classes: int) -> dict:
   """``params`` with every exit's ``logit_affine`` offsets set so that exit i's
-  softmax input becomes ``adjust_logits(s z, class_counts, taus[i])``: offset
-  ``-tau log pi / s``, scale 1."""
+  class scores ``s z`` (``s``: ``score_scale``, LDAM's on cosine logits) become
+  ``adjust_logits(s z, class_counts, taus[i])``: offset ``-tau log pi / s``,
+  scale 1."""
   params = dict(params)
   log_prior = np.asarray(losses.log_prior(class_counts))
   for index, tau in enumerate(taus):
     params[f"logit_affine{index}"] = {
         "scale": np.ones(num_classes, np.float32),
-        "offset": (-tau * log_prior / logit_scale).astype(np.float32)}
+        "offset": (-tau * log_prior / score_scale).astype(np.float32)}
   return params
 
 
