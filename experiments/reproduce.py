@@ -453,6 +453,9 @@ def write_reports(plan: Plan, root: str, smoke: bool, figures: bool) -> str:
             f"{' (SMOKE: mock data, two steps: the numbers mean nothing)' if smoke else ''}"
             "; paper: the published number (experiments/paper_results.json) and our "
             "difference from it. — : not run or not finished.\n")
+  if any(dataset == "digits" for _, settings, _ in plan.tables for dataset, _ in settings):
+    header += ("\nOn digits, the offline default set (ResNet-8, 8x8 digits x10, the CIFAR "
+               "recipe at 30 epochs), not the tables' own data: no published numbers.\n")
   sections, results = [header], {}
   for table, settings, rows in plan.tables:
     numbers = tables_report.table_results(table, settings, rows, summaries, paper)
