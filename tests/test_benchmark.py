@@ -13,8 +13,9 @@ BENCHMARK = os.path.join(runs.REPO, "experiments", "benchmark.py")
 # Runs the benchmark as a script with TensorFlow made unimportable, as on an
 # accelerator image without it.
 WITHOUT_TENSORFLOW = runs.BLOCK_TENSORFLOW + """
-import runpy
+import os, runpy
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python SCRIPT` does
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
