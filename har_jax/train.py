@@ -15,13 +15,12 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -37,6 +36,9 @@ from har_jax.data import augment
 from har_jax.data import digits
 from har_jax.data import long_tail
 from har_jax.data import pipeline
+
+if TYPE_CHECKING:  # the annotations; the train step runs without ml_collections
+  import ml_collections
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15).
 PREEMPTED_EXIT_CODE = 143
