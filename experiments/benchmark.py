@@ -15,19 +15,27 @@ fields changed (e.g. ``har=False`` or ``dtype=float32``) and times both in the
 same process, alternating step by step, so that the ratio does not depend on
 what else the machine is doing.
 
+The persistent compilation cache is on (``har_jax.runtime``): ``compile_s`` of
+a step found there is the time to load it (``compile_cache_hit``).
+``--compile_repeats=N`` measures both: the step is compiled N more times cold
+and N times warm, in a temporary cache of this run's own
+(``timing.compile_cold_warm``), and the medians are reported.
+
 FLOPs: ``6 * MACs * batch`` per step (timing.py says why).
 
 The last line of stdout is one JSON object: ``images_per_sec``, ``step_ms``,
 ``compile_s``, ``devices``, ``batch_size``, ``images_per_sec_per_device``,
-``flops_per_sec``, ... and with ``--against`` its figures and the ratio.
-TensorFlow is never imported.
+``flops_per_sec``, ``last_loss``, ... and with ``--against`` its figures and
+the ratio. TensorFlow is never imported.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import shutil
 import statistics
+import tempfile
 from typing import Sequence
 
 from absl import app
@@ -48,6 +56,9 @@ _NUM_CLASSES = flags.DEFINE_integer(
 _AGAINST = flags.DEFINE_list(
     "against", None, "FIELD=VALUE pairs: also time the config with these fields "
     "changed, interleaved with it, and report the ratio.")
+_COMPILE_REPEATS = flags.DEFINE_integer(
+    "compile_repeats", 0, "Also compile the step this many times cold and warm, in a "
+    "temporary persistent compilation cache, and report the medians.")
 
 
 def parse_overrides(config, pairs: Sequence[str]):
@@ -93,6 +104,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
+  from har_jax import runtime  # pylint: disable=g-import-not-at-top
+  fresh_cache = None
+  if _COMPILE_REPEATS.value > 0:  # emptied between compiles: never the user's
+    fresh_cache = tempfile.mkdtemp(prefix="har_jax_compile_")
+    jax.config.update("jax_compilation_cache_dir", fresh_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  cache = runtime.enable_compilation_cache()
   config = _CONFIG.value
   image_shape, num_classes = input_spec(config)
   print(f"{config.model} exits {config.exits}, loss {config.loss}, har {config.har}, "
@@ -113,8 +131,14 @@ def main(argv):
   result = dict(reports["config"], image_shape=list(image_shape),
                 num_classes=num_classes, model=config.model, exits=config.exits,
                 loss=config.loss, har=config.har, dtype=config.dtype,
-                conv_impl=config.conv_impl,
+                conv_impl=config.conv_impl, compilation_cache=cache,
                 machine=timing.machine())
+  if fresh_cache:
+    result["compile_cold_warm"] = timing.compile_cold_warm(
+        compiled["config"], _COMPILE_REPEATS.value, fresh_cache)
+    shutil.rmtree(fresh_cache, ignore_errors=True)
+    print("compile cold {cold_median_s:.2f} s, warm {warm_median_s:.2f} s (medians of "
+          "{repeats}; {warm_cache_hits} warm cache hits)".format(**result["compile_cold_warm"]))
   if _AGAINST.value:
     against = reports[name]
     paired = statistics.median(

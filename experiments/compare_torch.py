@@ -58,6 +58,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
+  from har_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.enable_compilation_cache()
   config = benchmark._CONFIG.value  # pylint: disable=protected-access
   reference = {"model": "resnet32", "exits": "CBBBE", "loss": "ldam",
                "dtype": "float32"}

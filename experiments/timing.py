@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import statistics
 import time
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ import numpy as np
 from har_jax import config as config_lib
 from har_jax import early_exit
 from har_jax import models
+from har_jax import runtime
 from har_jax import sharding
 from har_jax import train
 from har_jax.data import long_tail
@@ -52,11 +54,19 @@ class CompiledStep:
   """One compiled train step, its state and a fixed batch, ready to time."""
   name: str
   run: Callable[[], None]   # one step, waited for
-  compile_s: float
+  compile_s: float          # trace, lower and compile (or load from the cache)
   macs_per_image: int
   batch_size: int
   xla_flops: float | None   # XLA's own count of the step, when it gives one
-  native_convolutions: bool = False  # har_jax's CPU kernels (config.conv_impl)
+  xla_bytes: float | None   # and of the bytes it reads and writes
+  native_convolutions: bool  # har_jax's CPU kernels (config.conv_impl)
+  # Whether the compile found the step in the persistent compilation cache
+  # (None: the cache is off, runtime.enable_compilation_cache).
+  compile_cache_hit: bool | None
+  loss: Callable[[], float]  # the training loss of the latest step run
+  # Clears JAX's in-memory caches and compiles the step again: seconds.
+  recompile: Callable[[], float]
+  memory_bytes: int | None   # XLA's estimate: arguments, outputs and temporaries
 
 
 def class_counts(config, num_classes: int) -> tuple[int, ...]:
@@ -87,23 +97,79 @@ def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
       {"images": rng.integers(0, 256, (config.batch_size, *image_shape), np.uint8),
        "labels": rng.integers(0, num_classes, (config.batch_size,), np.int32)}, mesh)
 
-  start = time.perf_counter()
-  compiled = steps.train.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  # Lowered from shapes: the step donates the state, so the arrays go.
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, batch))
+
+  def compile_step():
+    start = time.perf_counter()
+    executable = steps.train.lower(*abstract).compile()
+    return executable, time.perf_counter() - start
+
+  hits_before = runtime.compilation_cache_events()["cache_hits"]
+  compiled, compile_s = compile_step()
+  hit = (runtime.compilation_cache_events()["cache_hits"] > hits_before
+         if jax.config.jax_compilation_cache_dir else None)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
+  xla_bytes = (float(cost["bytes accessed"]) if cost and "bytes accessed" in cost
+               else None)
 
-  holder = [state]  # the step donates its state: keep only the newest
+  holder = [state, None]  # the step donates its state: keep only the newest
 
   def run():
-    holder[0], step_metrics = compiled(holder[0], batch)
-    jax.block_until_ready((holder[0], step_metrics))
+    holder[0], holder[1] = compiled(holder[0], batch)
+    jax.block_until_ready(holder)
+
+  def recompile():
+    jax.clear_caches()
+    return compile_step()[1]
 
   return CompiledStep(name=name, run=run, compile_s=compile_s,
                       macs_per_image=models.exit_flops(model, image_shape).per_exit[-1],
                       batch_size=config.batch_size, xla_flops=xla_flops,
-                      native_convolutions=steps.native_convolutions)
+                      xla_bytes=xla_bytes, native_convolutions=steps.native_convolutions,
+                      compile_cache_hit=hit,
+                      loss=lambda: float(jax.device_get(holder[1].loss.compute())),
+                      recompile=recompile, memory_bytes=_memory_bytes(compiled))
+
+
+def _memory_bytes(compiled) -> int | None:
+  try:
+    memory = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None  # not every backend reports it
+  if memory is None:
+    return None
+  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
+def compile_cold_warm(step: CompiledStep, repeats: int, cache_dir: str) -> dict:
+  """Compiles ``step`` again ``repeats`` times cold and warm, each after
+  ``jax.clear_caches()``: cold with the persistent cache ``cache_dir`` emptied
+  first, warm from what the cold compile wrote there.
+
+  ``cache_dir`` must be the directory JAX's cache is using and hold nothing
+  else of value: it is emptied. Returns the seconds of each, their medians and
+  the cache hits of the warm compiles (one each when the cache works).
+  """
+  cold, warm, hits = [], [], 0
+  for _ in range(repeats):
+    for entry in os.listdir(cache_dir):
+      path = os.path.join(cache_dir, entry)
+      if os.path.isdir(path):  # e.g. XLA's GPU autotuning results
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+    cold.append(step.recompile())
+    before = runtime.compilation_cache_events()["cache_hits"]
+    warm.append(step.recompile())
+    hits += runtime.compilation_cache_events()["cache_hits"] - before
+  return {"cold_s": cold, "warm_s": warm, "cold_median_s": statistics.median(cold),
+          "warm_median_s": statistics.median(warm), "warm_cache_hits": hits,
+          "repeats": repeats}
 
 
 def time_interleaved(runs: dict[str, Callable[[], None]], steps: int,
@@ -155,7 +221,9 @@ def machine() -> dict:
 
 
 def describe(step: CompiledStep, figures: dict) -> str:
-  return (f"{step.name}: compile {step.compile_s:.1f} s, step {figures['step_ms']:.1f} ms "
+  cached = " (from the compilation cache)" if step.compile_cache_hit else ""
+  return (f"{step.name}: compile {step.compile_s:.1f} s{cached}, "
+          f"step {figures['step_ms']:.1f} ms "
           f"(min {figures['step_ms_min']:.1f}, max {figures['step_ms_max']:.1f}), "
           f"{figures['images_per_sec']:.1f} images/s "
           f"({figures['images_per_sec_per_device']:.1f} per device), "
@@ -166,10 +234,12 @@ def describe(step: CompiledStep, figures: dict) -> str:
 def step_report(step: CompiledStep, seconds: Sequence[float], devices: int) -> dict:
   flops_per_image = 6 * step.macs_per_image
   figures = step_figures(seconds, step.batch_size, devices, flops_per_image)
-  figures.update(compile_s=step.compile_s, macs_per_image=step.macs_per_image,
+  figures.update(compile_s=step.compile_s, compile_cache_hit=step.compile_cache_hit,
+                 macs_per_image=step.macs_per_image,
                  train_flops_per_step=flops_per_image * step.batch_size,
-                 xla_flops_per_step=step.xla_flops,
-                 native_convolutions=step.native_convolutions)
+                 xla_flops_per_step=step.xla_flops, xla_bytes_per_step=step.xla_bytes,
+                 native_convolutions=step.native_convolutions,
+                 last_loss=step.loss(), memory_bytes=step.memory_bytes)
   print(describe(step, figures), flush=True)
   return figures
 

@@ -67,8 +67,10 @@ def main(argv):
   # Imported after flag parsing so that --help and usage errors stay fast.
   import jax  # pylint: disable=g-import-not-at-top
   from har_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from har_jax import runtime  # pylint: disable=g-import-not-at-top
   from har_jax import sharding  # pylint: disable=g-import-not-at-top
   from har_jax import train  # pylint: disable=g-import-not-at-top
+  cache = runtime.enable_compilation_cache()  # a resume loads its programs
   try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
@@ -79,6 +81,7 @@ def main(argv):
   if logging.get_verbosity() <= logging.INFO:
     _quiet_libraries()
   logging.info("Config:\n%s", config)
+  logging.info("Persistent compilation cache: %s", cache or "off (JAX_ENABLE_COMPILATION_CACHE)")
   try:
     summary = train.train_and_evaluate(config, _WORKDIR.value)
   except train.Preempted as preempted:
@@ -89,6 +92,9 @@ def main(argv):
   except train.NonFiniteLossError as error:
     print(f"har_jax: {error}", file=sys.stderr)
     sys.exit(1)
+  if cache:
+    logging.info("Compilation cache: %(cache_hits)d program(s) loaded, %(cache_misses)d "
+                 "compiled.", runtime.compilation_cache_events())
   print(json.dumps(summary, sort_keys=True))
 
 

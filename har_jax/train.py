@@ -31,6 +31,7 @@ from har_jax import early_exit
 from har_jax import losses
 from har_jax import metrics as metrics_lib
 from har_jax import models
+from har_jax import runtime
 from har_jax import sharding
 from har_jax.data import augment
 from har_jax.data import digits
@@ -397,6 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh = sharding.create_mesh() if mesh is None else mesh
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
+  runtime.log_platform(list(mesh.devices.flat))
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:  # experiments/ rebuild the model and data from it
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())

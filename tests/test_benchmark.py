@@ -10,27 +10,32 @@ from tests import runs
 
 BENCHMARK = os.path.join(runs.REPO, "experiments", "benchmark.py")
 
-# Runs the benchmark as a script with TensorFlow made unimportable, as on an
-# accelerator image without it.
-WITHOUT_TENSORFLOW = runs.BLOCK_TENSORFLOW + """
+# Runs a script (the first argument) as `python SCRIPT ARGS` does.
+RUN_SCRIPT = """
 import os, runpy
 sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python SCRIPT` does
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 TINY = ["--config.model=resnet8", "--config.batch_size=16", "--steps=2", "--warmup=1"]
 
 
-def run_benchmark(*args, one_device=False):
-  env = dict(os.environ, PYTHONPATH=runs.REPO)
+def run_script(blocked: str, *args, one_device=False, **env_overrides):
+  env = dict(os.environ, PYTHONPATH=runs.REPO, **env_overrides)
   if one_device:  # as a user runs it on a CPU: no simulated devices
     env.pop("XLA_FLAGS", None)
-  result = subprocess.run(
-      [sys.executable, "-c", WITHOUT_TENSORFLOW, BENCHMARK,
-       f"--config={runs.DEFAULT_CONFIG}", *TINY, *args],
-      capture_output=True, text=True, timeout=600, env=env, cwd=runs.REPO)
+  result = subprocess.run([sys.executable, "-c", blocked + RUN_SCRIPT, *args],
+                          capture_output=True, text=True, timeout=600, env=env,
+                          cwd=runs.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def run_benchmark(*args, one_device=False, **env_overrides):
+  """benchmark.py with TensorFlow unimportable, as on an accelerator image."""
+  result = run_script(runs.BLOCK_TENSORFLOW, BENCHMARK, f"--config={runs.DEFAULT_CONFIG}",
+                      *TINY, *args, one_device=one_device, **env_overrides)
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -59,10 +64,22 @@ def test_against_times_a_second_config_in_the_same_run():
              ) < 1e-9
 
 
-def test_one_cpu_device_runs_the_cpu_kernels_against_xla():
-  report = run_benchmark("--image_shape=16,16,3",
-                         "--against=conv_impl=xla", one_device=True)
-  assert report["devices"] == 1
-  assert report["conv_impl"] == "auto"
-  assert report["native_convolutions"] == (cpu_conv.unavailable_reason() is None)
-  assert report["against"]["native_convolutions"] is False
+def test_one_cpu_device_runs_the_cpu_kernels_against_xla_and_reloads_them(tmp_path):
+  # Two runs on one persistent compilation cache: the second loads both steps,
+  # the CPU kernels' custom calls included, and computes what the first did.
+  cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  args = ("--image_shape=16,16,3", "--against=conv_impl=xla")
+  first = run_benchmark(*args, one_device=True, **cache)
+  assert first["devices"] == 1
+  assert first["conv_impl"] == "auto"
+  assert first["native_convolutions"] == (cpu_conv.unavailable_reason() is None)
+  assert first["against"]["native_convolutions"] is False
+  assert first["compilation_cache"] == str(tmp_path)
+  again = run_benchmark(*args, one_device=True, **cache)
+  for report in (first, first["against"]):
+    assert report["compile_cache_hit"] is False
+  for report in (again, again["against"]):
+    assert report["compile_cache_hit"] is True
+  assert again["last_loss"] == first["last_loss"]
+  assert again["against"]["last_loss"] == first["against"]["last_loss"]

@@ -22,6 +22,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 import pytest
 
+from har_jax import runtime
 import runs
 
 REPO = pathlib.Path(runs.REPO)
@@ -164,6 +165,9 @@ def test_the_test_extra_installs_what_the_suite_and_the_trainer_import(setup_arg
 
 
 def test_accelerator_extras_pin_the_library_s_jax(setup_arguments):
+  # The extras the unused-GPU warning tells users to install exist.
+  named = re.search(r"\[(.*)\]", runtime.CUDA_INSTALL).group(1).split(",")
+  assert set(named) <= set(setup_arguments["extras_require"]), named
   jax_requirement = next(Requirement(r) for r in setup_arguments["install_requires"]
                          if Requirement(r).name == "jax")
   for extra, jax_extra in (("cuda", "cuda12"), ("tpu", "tpu")):

@@ -264,6 +264,16 @@ def test_library_info_logs_stay_out_of_stderr(reference):
   assert not chatter, chatter[:3]
 
 
+def test_run_logs_its_devices_and_compilation_cache(reference):
+  _, result, _ = reference
+  assert re.search(r"\] JAX \S+ on cpu: 8 device\(s\) \(8 x cpu\)", result.stderr), (
+      result.stderr[-3000:])
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # tests/conftest.py's
+  assert f"Persistent compilation cache: {cache}" in result.stderr
+  assert re.search(r"Compilation cache: \d+ program\(s\) loaded, \d+ compiled\.",
+                   result.stderr), result.stderr[-3000:]
+
+
 # --- Interrupted runs resume and end exactly where an uninterrupted run ends. ------
 
 def test_sigkill_then_rerun_resumes_and_matches(interrupted, reference):
