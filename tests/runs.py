@@ -65,3 +65,6 @@ sys.meta_path[:] = [Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_
 
 
 BLOCK_TENSORFLOW = block_imports("tensorflow")
+# What the library install lacks: the trainer's packages ([train] in setup.py).
+BLOCK_TRAINER = block_imports("tensorflow", "tensorflow_datasets", "clu", "ml_collections",
+                              "sklearn", "matplotlib")

@@ -1,14 +1,17 @@
-"""experiments/benchmark.py: a few steps of a tiny config, run as a user runs it."""
+"""experiments/benchmark.py and gpu_benchmark.py: tiny configs, run as a user runs them."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
+
 from har_jax import cpu_conv
 from tests import runs
 
 BENCHMARK = os.path.join(runs.REPO, "experiments", "benchmark.py")
+GPU_BENCHMARK = os.path.join(runs.REPO, "experiments", "gpu_benchmark.py")
 
 # Runs a script (the first argument) as `python SCRIPT ARGS` does.
 RUN_SCRIPT = """
@@ -83,3 +86,23 @@ def test_one_cpu_device_runs_the_cpu_kernels_against_xla_and_reloads_them(tmp_pa
     assert report["compile_cache_hit"] is True
   assert again["last_loss"] == first["last_loss"]
   assert again["against"]["last_loss"] == first["against"]["last_loss"]
+
+
+def test_gpu_benchmark_runs_tiny_without_the_trainer_s_packages(tmp_path):
+  run_script(runs.BLOCK_TRAINER, GPU_BENCHMARK, "--tiny", "--dtypes=float32",
+             f"--out={tmp_path}", one_device=True)
+  results = json.loads((tmp_path / "gpu_benchmark.json").read_text())
+  assert not results["errors"] and not results["skipped"], results
+  assert results["roofline"]["bandwidth_bytes_per_sec"] > 0
+  assert min(results["roofline"]["matmul_flops_per_sec"].values()) > 0
+  steps = results["train_steps"]
+  assert [(row["har"], row["batch_size"]) for row in steps] == [(True, 16), (False, 16)]
+  for row in steps:
+    assert row["step_ms"] > 0 and row["compile_s"] > 0 and np.isfinite(row["last_loss"])
+    assert row["compile_cache_hit"] is False and row["warm_compile_cache_hit"] is True
+  assert steps[0]["har_over_plain"] == steps[0]["step_ms"] / steps[1]["step_ms"]
+  (cascade,) = results["cascade"]
+  # The rescaled exit classifiers send the asked-for fractions out at each exit.
+  np.testing.assert_allclose(cascade["exit_fraction"], [0.5, 0.25, 0.25], atol=0.1)
+  assert cascade["compiles_while_timed"] == 0
+  assert "| resnet8 | float32 | 16 | True |" in (tmp_path / "gpu_benchmark.md").read_text()
