@@ -64,8 +64,9 @@ class CompiledStep:
   # (None: the cache is off, runtime.enable_compilation_cache).
   compile_cache_hit: bool | None
   loss: Callable[[], float]  # the training loss of the latest step run
-  # Clears JAX's in-memory caches and compiles the step again: seconds.
-  recompile: Callable[[], float]
+  # Clears JAX's in-memory caches and compiles the step again:
+  # (seconds, whether it came from the persistent cache).
+  recompile: Callable[[], tuple[float, bool | None]]
   memory_bytes: int | None   # XLA's estimate: arguments, outputs and temporaries
 
 
@@ -102,14 +103,16 @@ def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, batch))
 
   def compile_step():
+    """(executable, seconds, whether it came from the persistent cache or None)."""
+    loaded = runtime.compilation_cache_events()["loaded"]
     start = time.perf_counter()
     executable = steps.train.lower(*abstract).compile()
-    return executable, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    hit = (runtime.compilation_cache_events()["loaded"] > loaded
+           if runtime.compilation_cache_dir() else None)
+    return executable, seconds, hit
 
-  hits_before = runtime.compilation_cache_events()["cache_hits"]
-  compiled, compile_s = compile_step()
-  hit = (runtime.compilation_cache_events()["cache_hits"] > hits_before
-         if jax.config.jax_compilation_cache_dir else None)
+  compiled, compile_s, hit = compile_step()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
@@ -124,7 +127,7 @@ def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
 
   def recompile():
     jax.clear_caches()
-    return compile_step()[1]
+    return compile_step()[1:]
 
   return CompiledStep(name=name, run=run, compile_s=compile_s,
                       macs_per_image=models.exit_flops(model, image_shape).per_exit[-1],
@@ -163,10 +166,10 @@ def compile_cold_warm(step: CompiledStep, repeats: int, cache_dir: str) -> dict:
         shutil.rmtree(path)
       else:
         os.remove(path)
-    cold.append(step.recompile())
-    before = runtime.compilation_cache_events()["cache_hits"]
-    warm.append(step.recompile())
-    hits += runtime.compilation_cache_events()["cache_hits"] - before
+    cold.append(step.recompile()[0])
+    seconds, hit = step.recompile()
+    warm.append(seconds)
+    hits += bool(hit)
   return {"cold_s": cold, "warm_s": warm, "cold_median_s": statistics.median(cold),
           "warm_median_s": statistics.median(warm), "warm_cache_hits": hits,
           "repeats": repeats}

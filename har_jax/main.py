@@ -93,8 +93,8 @@ def main(argv):
     print(f"har_jax: {error}", file=sys.stderr)
     sys.exit(1)
   if cache:
-    logging.info("Compilation cache: %(cache_hits)d program(s) loaded, %(cache_misses)d "
-                 "compiled.", runtime.compilation_cache_events())
+    logging.info("Compilation cache: %(loaded)d program(s) loaded, %(written)d written.",
+                 runtime.compilation_cache_events())
   print(json.dumps(summary, sort_keys=True))
 
 

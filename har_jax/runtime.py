@@ -51,15 +51,20 @@ def enable_compilation_cache() -> Optional[str]:
   global _listener_registered
   if not jax.config.jax_enable_compilation_cache:
     return None
-  directory = jax.config.jax_compilation_cache_dir
-  if not directory:
-    directory = str(DEFAULT_COMPILATION_CACHE)
-    jax.config.update("jax_compilation_cache_dir", directory)
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(DEFAULT_COMPILATION_CACHE))
   with _listening:
     if not _listener_registered:
       jax.monitoring.register_event_listener(_count_cache_event)
       _listener_registered = True
-  return directory
+  return compilation_cache_dir()
+
+
+def compilation_cache_dir() -> Optional[str]:
+  """The directory of JAX's persistent compilation cache, None when it is off."""
+  if not jax.config.jax_enable_compilation_cache:
+    return None
+  return jax.config.jax_compilation_cache_dir or None
 
 
 def _count_cache_event(event: str, *args, **kwargs) -> None:
@@ -69,9 +74,11 @@ def _count_cache_event(event: str, *args, **kwargs) -> None:
 
 
 def compilation_cache_events() -> dict:
-  """How often, since :func:`enable_compilation_cache`, a compilation found its
-  executable in the persistent cache (``cache_hits``) or not (``cache_misses``)."""
-  return {name: _cache_events[name] for name in ("cache_hits", "cache_misses")}
+  """Since :func:`enable_compilation_cache`: how many programs were ``loaded`` from
+  the persistent cache, and how many compiled and ``written`` to it (JAX's
+  ``cache_hits`` and ``cache_misses``; programs that compiled faster than
+  ``jax_persistent_cache_min_compile_time_secs`` are neither)."""
+  return {"loaded": _cache_events["cache_hits"], "written": _cache_events["cache_misses"]}
 
 
 def missing_gpu_warning(platform: str, *, nvidia_smi_on_path: bool,

@@ -77,7 +77,7 @@ def link_distributions(names, directory: pathlib.Path) -> None:
   out as in site-packages (file by file, so namespace packages stay partial)."""
   for name in names:
     distribution = importlib.metadata.distribution(name)
-    for file in distribution.files:
+    for file in distribution.files or ():
       if file.parts[0] == ".." or "__pycache__" in file.parts:
         continue  # console scripts; byte code
       target = directory / file
