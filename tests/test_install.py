@@ -11,7 +11,6 @@ not show: that pip would pick these same versions on another machine.
 
 import ast
 import importlib.metadata
-import os
 import pathlib
 import re
 import subprocess
