@@ -17,6 +17,13 @@ _TRAIN = [
     "clu>=0.0.12",
     "absl-py>=2.1",
     "tensorflow-datasets>=4.9.7,<5",
+    # Imported by tfds's preparation code but not declared by tfds (4.9.10
+    # requires them only on Python < 3.9, or in its extras):
+    # importlib_resources by every builder's download_and_prepare (without
+    # it no data set prepares), bs4 by its Google Drive download (the
+    # confirmation page, on ImageNet-LT's split lists).
+    "importlib-resources>=5",
+    "beautifulsoup4>=4.9",
     # clu's TensorBoard writer and tfds preparation need TensorFlow; the CPU
     # build avoids pulling CUDA libraries that JAX brings by itself.
     "tensorflow-cpu>=2.18,<2.22",
@@ -25,6 +32,9 @@ _TRAIN = [
     "scikit-learn>=1.3",
     # The plots of experiments/analyze.py.
     "matplotlib>=3.8",
+    # experiments/digits_folder.py writes PNG files with it, and the image-folder
+    # tests write their generated folder (matplotlib brings it too).
+    "pillow>=10",
 ]
 
 setuptools.setup(

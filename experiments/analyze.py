@@ -18,7 +18,9 @@ Restores the latest checkpoint of a trained workdir and writes, under
   (where they are shown), with the run's and the calibrated thresholds marked;
 - ``class_accuracy.png``: test accuracy of each class against its training count.
 
-The numbers come from the pure functions below; plotting only draws them.
+Classes are named by the data set's class names where it has them (an
+``image_folder`` set's folder names), by their indices otherwise. The numbers
+come from the pure functions below; plotting only draws them.
 A missing workdir, or one without a checkpoint, exits with status 2 and one line.
 """
 
@@ -126,6 +128,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
                      class_counts: Sequence[int], shot_many: int, shot_few: int,
                      exit_flops: Sequence[float], backbone_flops: float,
                      threshold: float, logit_scale: float,
+                     class_names: Optional[Sequence[str]] = None,
                      thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                      max_accuracy_drop: Optional[float] = 0.01,
                      flops_budget: Optional[float] = None) -> dict:
@@ -143,6 +146,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
     backbone_flops: MACs of the plain backbone.
     threshold: the run's inference exit threshold.
     logit_scale: the softmax scale of confidences.
+    class_names: ``[C]`` names of the classes; None names them by index.
     thresholds: ``[T]`` thresholds of the accuracy-FLOPs curves.
     max_accuracy_drop, flops_budget: calibration targets; None skips one.
 
@@ -167,6 +171,8 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
       "exit_flops": [float(f) for f in exit_flops],
       "backbone_flops": float(backbone_flops),
       "class_counts": [int(n) for n in class_counts],
+      "class_names": ([str(name) for name in class_names] if class_names is not None
+                      else [str(c) for c in range(num_classes)]),
       "class_order": class_order(class_counts).tolist(),
       "shot_groups": [long_tail.SHOT_GROUP_NAMES[g] for g in groups],
       "test": {
@@ -247,6 +253,7 @@ def plot_all(numbers: dict, output: str) -> list[str]:
   test = numbers["test"]
   order = numbers["class_order"]
   counts = numbers["class_counts"]
+  names = numbers["class_names"]
   written = []
 
   def save(fig, name):
@@ -260,7 +267,9 @@ def plot_all(numbers: dict, output: str) -> list[str]:
 
   fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(order)), 4))
   by_class = as_array(test["exit_fraction_by_class"])[order]
-  _stacked_bars(ax, by_class, [f"{c}\n({counts[c]})" for c in order])
+  _stacked_bars(ax, by_class, [f"{names[c]}\n({counts[c]})" for c in order])
+  if max(len(name) for name in names) > 3:  # longer names would overlap
+    ax.tick_params(axis="x", labelrotation=90)
   ax.set_xlabel("class (training images), most to least trained")
   ax.set_title("Exit taken, per class")
   save(fig, "exit_by_class.png")
@@ -314,7 +323,7 @@ def plot_all(numbers: dict, output: str) -> list[str]:
       ax.scatter([counts[c] for c in members], class_accuracy[members], color=color,
                  label=name)
       for c in members:
-        ax.annotate(str(c), (counts[c], class_accuracy[c]), fontsize="x-small",
+        ax.annotate(names[c], (counts[c], class_accuracy[c]), fontsize="x-small",
                     xytext=(3, 3), textcoords="offset points")
   ax.set_xscale("log")
   ax.set_xlabel("training images of the class")
@@ -357,7 +366,8 @@ def report_markdown(numbers: dict, workdir: str, step: int, plots: Sequence[str]
   ]
   for c in numbers["class_order"]:
     row = " | ".join(_percent(f) for f in test["exit_fraction_by_class"][c])
-    lines.append(f"| {c} ({numbers['class_counts'][c]}) | {numbers['shot_groups'][c]} "
+    name = numbers["class_names"][c].replace("|", "\\|")  # a cell, not a column
+    lines.append(f"| {name} ({numbers['class_counts'][c]}) | {numbers['shot_groups'][c]} "
                  f"| {row} | {_percent(test['per_class_accuracy'][c])} |")
   lines += ["", f"| shot group | {exits_header} |", "|---" * (num_exits + 1) + "|"]
   for name, fractions in test["exit_fraction_by_group"].items():
@@ -455,7 +465,8 @@ def run_analysis(workdir: str, output: Optional[str] = None, *, batch_size: int 
       class_counts=data.class_counts, shot_many=run.config.shot_many,
       shot_few=run.config.shot_few, exit_flops=flops.per_exit,
       backbone_flops=flops.backbone, threshold=run.threshold,
-      logit_scale=run.logit_scale, max_accuracy_drop=max_accuracy_drop,
+      logit_scale=run.logit_scale, class_names=data.class_names,
+      max_accuracy_drop=max_accuracy_drop,
       flops_budget=flops_budget)
   numbers["step"] = run.step
   os.makedirs(output, exist_ok=True)

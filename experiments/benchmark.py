@@ -10,6 +10,9 @@ of the data set's shape (``har_jax.data.specs``, or
 timed apart; then ``--warmup`` steps, then ``--steps`` steps, each waited for
 with ``block_until_ready``; the figure is the median step.
 
+An ``image_folder`` config takes its class count from the folder's
+``train/`` and its shape from ``image_size``, without reading an image.
+
 ``--against`` compiles a second step from the same config with the given
 fields changed (e.g. ``har=False`` or ``dtype=float32``) and times both in the
 same process, alternating step by step, so that the ratio does not depend on
@@ -89,6 +92,12 @@ def input_spec(config) -> tuple[tuple[int, int, int], int]:
   shape, classes = None, None
   if config.dataset in specs.DATASET_SPECS:
     shape, classes = specs.dataset_spec(config.dataset)
+  elif config.dataset == "image_folder" and config.data_dir:
+    from har_jax.data import folder_index  # pylint: disable=g-import-not-at-top
+    try:
+      shape, classes = folder_index.dataset_spec(config.data_dir, config.image_size)
+    except folder_index.FolderError as error:
+      raise app.UsageError(str(error)) from None
   if _IMAGE_SHAPE.value:
     shape = tuple(int(size) for size in _IMAGE_SHAPE.value)
   if _NUM_CLASSES.value:

@@ -6,7 +6,11 @@
 Every (data set, imbalance factor, method, seed) is one run of the trainer in
 WORKDIR/<dataset>_r<rho>/<method>/seed<k>. A run whose summary.json is written
 is skipped, and an interrupted run resumes from its checkpoints, so the same
-command continues the grid. The table (WORKDIR/results.md, also printed) gives
+command continues the grid. Each cell's folder holds one run (har_jax/workdir.py):
+when any cell's folder records another config than the grid asks for (other
+--overrides, say), the grid stops before it runs anything, with one line per
+such cell naming the fields; a cell another live process is running is left
+to it and reported as failed. The table (WORKDIR/results.md, also printed) gives
 Many / Medium / Few / All test accuracy (%) and the FLOPs saving (%) as mean ±
 std over seeds, beside the published top-1 accuracy where
 experiments/paper_results.json has it.
@@ -27,6 +31,7 @@ import numpy as np
 from har_jax import config as config_lib
 from har_jax import runtime
 from har_jax import train
+from har_jax import workdir
 
 METHODS = {
     # name: (loss, har, DRW, exits); single-exit methods use the plain backbone.
@@ -97,6 +102,18 @@ def run_dir(root: str, dataset: str, rho: float, method: str, seed: int) -> str:
   return os.path.join(root, f"{dataset}_r{rho:g}", method.replace("+", "_"), f"seed{seed}")
 
 
+def refused_cells(root: str, configs: dict) -> list:
+  """One line for each cell of ``configs`` (cell -> config) whose folder records
+  another config; such a cell is neither run nor counted."""
+  refused = []
+  for cell, config in configs.items():
+    try:
+      workdir.check_config(run_dir(root, *cell), config)
+    except workdir.WorkdirError as error:
+      refused.append(str(error))
+  return refused
+
+
 def aggregate(summaries: list) -> dict:
   """Mean and std (over seeds, in %) of each column; the seeds that finished."""
   row = {"seeds": len(summaries)}
@@ -146,6 +163,11 @@ def main(argv):
     configs = {cell: run_config(*cell, FLAGS.smoke, FLAGS.overrides) for cell in cells}
   except (UsageError, ValueError) as error:
     print(f"reproduce: error: {error}", file=sys.stderr)
+    sys.exit(2)
+  refused = refused_cells(FLAGS.workdir, configs)
+  if refused:
+    for message in refused:
+      print(f"reproduce: error: {message}", file=sys.stderr)
     sys.exit(2)
 
   if FLAGS.smoke:

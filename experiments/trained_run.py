@@ -95,9 +95,10 @@ def load_run(workdir: str) -> TrainedRun:
   except ValueError as error:
     raise RunError(f"{config.dataset}: {error}") from None
   if not isinstance(data, pipeline.InMemoryData):
-    raise RunError(f"{config.dataset} streams from tfds; the analyses and the "
-                   f"inference benchmark hold a split in memory and support the "
-                   f"in-memory data sets {list(config_lib.IN_MEMORY_DATASETS)}.")
+    raise RunError(f"{config.dataset} streams; the analyses and the inference "
+                   f"benchmark hold a split in memory and support the in-memory "
+                   f"data sets {list(config_lib.IN_MEMORY_DATASETS)} and image "
+                   f"folders whose training split fits image_folder_memory_mb.")
   model = config_lib.create_model(config, data.num_classes)
   mesh = sharding.create_mesh(jax.local_devices()[:1])
   # The checkpoint holds the optimizer's state too; its structure, not the

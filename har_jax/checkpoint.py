@@ -21,13 +21,21 @@ import os
 from typing import Any, Optional, Tuple, Union
 
 from absl import logging
-from jax.experimental import multihost_utils
-import numpy as np
+import jax
 import orbax.checkpoint as ocp
+
+from har_jax import sharding
 
 PyTree = Any
 
 _ITEM = "state"
+# Paths shown of each kind of difference in an IncompatibleCheckpointError.
+_SHOWN = 3
+
+
+class IncompatibleCheckpointError(RuntimeError):
+  """A checkpoint holds arrays of another structure or shape than the state asked
+  for (another model, exits or number of classes); no checkpoint was read."""
 
 
 class Checkpointer:
@@ -66,6 +74,8 @@ class Checkpointer:
     self._directory = os.fspath(directory)
     self._manager = ocp.CheckpointManager(
         self._directory,
+        # Named, so that item_metadata can read a step's structure.
+        item_handlers={_ITEM: ocp.StandardCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             enable_async_checkpointing=async_save,
@@ -103,10 +113,12 @@ class Checkpointer:
       self, abstract_state: PyTree) -> Tuple[Optional[PyTree], Optional[int]]:
     """Restores the newest checkpoint that can be read.
 
-    A checkpoint that cannot be read (missing, truncated or corrupted files, or
-    a structure that does not match ``abstract_state``) is logged as a warning
-    and the next older one is tried. In a multi-process run a checkpoint counts
-    as readable only if every process read it, so all resume from one step.
+    A checkpoint that cannot be read (missing, truncated or corrupted files) is
+    logged as a warning and the next older one is tried. In a multi-process run
+    a checkpoint counts as readable only if every process read it, so all
+    resume from one step. A checkpoint whose arrays have other paths or shapes
+    than ``abstract_state`` is not damaged but another state's, and stops the
+    restore before any array is read.
 
     Args:
       abstract_state: the state's pytree with ``jax.ShapeDtypeStruct`` leaves
@@ -118,6 +130,8 @@ class Checkpointer:
       checkpoint.
 
     Raises:
+      IncompatibleCheckpointError: the newest checkpoint whose structure can be
+        read does not fit ``abstract_state``; the message says how.
       RuntimeError: checkpoints exist but none of them can be read.
     """
     # Orbax lists a step as soon as its save starts; reading it before the save
@@ -126,17 +140,25 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     errors = []
     for step in steps:
-      try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{_ITEM: ocp.args.StandardRestore(abstract_state)}))
-        error = None
-      # Orbax and TensorStore report damaged files as ValueError, KeyError,
-      # OSError or JSONDecodeError, depending on which file is damaged.
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-      if _succeeded_on_every_process(error is None):
+      mismatch = self._mismatch(step, abstract_state)
+      error = None
+      if mismatch is None:
+        try:
+          restored = self._manager.restore(
+              step,
+              args=ocp.args.Composite(
+                  **{_ITEM: ocp.args.StandardRestore(abstract_state)}))
+        # Orbax and TensorStore report damaged files as ValueError, KeyError,
+        # OSError or JSONDecodeError, depending on which file is damaged.
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      read, compatible = sharding.on_every_process(
+          [mismatch is None and error is None, mismatch is None])
+      if not compatible:
+        raise IncompatibleCheckpointError(
+            f"the checkpoint of step {step} in {self._directory} does not fit the "
+            f"state asked for: {mismatch or 'another process says so'}")
+      if read:
         self._unreadable_steps = [failed for failed, _ in errors]
         return restored[_ITEM], step
       error = error or "it could not be read on another process"
@@ -148,6 +170,17 @@ class Checkpointer:
       raise RuntimeError(f"None of the checkpoints in {self._directory} can "
                          f"be read. Tried steps {steps}: {details}")
     return None, None
+
+  def _mismatch(self, step: int, abstract_state: PyTree) -> Optional[str]:
+    """How the arrays saved at ``step`` differ from ``abstract_state``'s, or None
+    when they fit or their structure cannot be read (the restore then says why)."""
+    try:
+      saved = self._manager.item_metadata(step)[_ITEM]
+    except Exception:  # pylint: disable=broad-except
+      return None
+    if saved is None:
+      return None
+    return structure_mismatch(_shapes(saved), _shapes(abstract_state))
 
   def latest_step(self) -> Optional[int]:
     """The newest saved step, readable or not, or None when there is none."""
@@ -171,6 +204,72 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
 
-def _succeeded_on_every_process(succeeded: bool) -> bool:
-  """All-reduces a success flag over the processes of the run."""
-  return bool(multihost_utils.process_allgather(np.asarray(succeeded)).all())
+def structure_mismatch(saved: dict, wanted: dict) -> Optional[str]:
+  """How two trees of arrays differ, in one line, or None when they fit.
+
+  Args:
+    saved, wanted: ``{"params/stem/conv/kernel": shape}`` of the checkpoint and
+      of the state asked for, the latter in its tree's order. Paths are shown
+      shallow ones first, and by the order of their top-level field in
+      ``wanted`` (a train state's parameters before its optimizer state).
+  """
+  ranks = {}
+  for path in wanted:
+    ranks.setdefault(path.split("/")[0], len(ranks))
+
+  def order(path):
+    return (path.count("/"), ranks.get(path.split("/")[0], len(ranks)), path)
+
+  reshaped = [path for path in sorted(saved.keys() & wanted.keys(), key=order)
+              if saved[path] != wanted[path]]
+  parts = []
+  if reshaped:
+    parts.append("other shapes: " + _listed(
+        [f"{path} {list(saved[path])} there, {list(wanted[path])} here"
+         for path in reshaped]))
+  for name, ours, theirs in (("checkpoint", saved, wanted),
+                             ("state asked for", wanted, saved)):
+    only = sorted(_unshared_subtrees(ours.keys() - theirs.keys(), theirs.keys()),
+                  key=order)
+    if only:
+      parts.append(f"only in the {name}: {_listed(only)}")
+  return "; ".join(parts) or None
+
+
+def _listed(items: list) -> str:
+  shown = ", ".join(items[:_SHOWN])
+  return shown if len(items) <= _SHOWN else f"{shown} and {len(items) - _SHOWN} more"
+
+
+def _shapes(tree: PyTree) -> dict:
+  """``{path: shape}`` of a tree of arrays, abstract arrays or orbax metadata,
+  as saved: typed PRNG keys as their key data."""
+  def saved_shape(leaf):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
+    return tuple(getattr(leaf, "shape", ()))
+
+  return {"/".join(_key_name(key) for key in path): saved_shape(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _key_name(key) -> str:
+  # Orbax saves attributes and tuple positions as dictionary keys.
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _unshared_subtrees(paths, other_paths) -> set:
+  """The shortest prefixes of ``paths`` that no path of ``other_paths`` shares."""
+  def shared(prefix):
+    return any(other == prefix or other.startswith(prefix + "/") for other in other_paths)
+
+  subtrees = set()
+  for path in paths:
+    parts = path.split("/")
+    subtrees.add(next("/".join(parts[:length]) for length in range(1, len(parts) + 1)
+                      if not shared("/".join(parts[:length]))))
+  return subtrees

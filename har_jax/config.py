@@ -20,13 +20,27 @@ from har_jax.data import specs as data_specs
 if TYPE_CHECKING:
   import ml_collections
 
-DATASETS = tuple(data_specs.DATASET_SPECS)
-# Kept on the devices whole; the others stream from tfds (har_jax.data.streaming).
+# image_folder: a user's class folders (har_jax/data/image_folder.py), whose
+# shape and classes come from the folder.
+DATASETS = (*data_specs.DATASET_SPECS, "image_folder")
+# Kept on the devices whole; the others stream from tfds (har_jax.data.streaming),
+# and image_folder does either, by the size of its training split.
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
 LOSSES = ("ce", "focal", "ldam")
 HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
+# The fields a rerun in a run's workdir may change (har_jax/workdir.py refuses a
+# change of any other): they set how often the run logs and saves, how many
+# checkpoints it keeps, the size of its evaluation batches, where its data is
+# read from and which kernels compute its convolutions, never what it trains or
+# reports beyond floating-point rounding. eval_every_epochs is not among them:
+# it decides the steps whose validation picks the best model. README.md,
+# "Resuming", lists them too.
+RESTART_SAFE_FIELDS = frozenset({
+    "log_every_steps", "checkpoint_every_steps", "max_checkpoints", "eval_batch_size",
+    "data_dir", "tfds_download", "conv_impl",
+})
 
 
 class ConfigError(ValueError):
@@ -65,11 +79,20 @@ def base_config() -> ml_collections.ConfigDict:
   # Data.
   config.dataset = "digits"
   config.imbalance_factor = 100.0   # n_max / n_min of the long-tailed train split
-                                    # (digits, CIFAR; ImageNet-LT/iNat have their own)
-  config.validation_per_class = 0   # CIFAR: balanced validation held out of train
-  config.data_dir = ""              # tfds data directory; "": tfds's default
+                                    # (digits, CIFAR; ImageNet-LT/iNat have their own;
+                                    # image_folder: > 1 subsamples the folder's split
+                                    # by the LDAM-DRW rule, 1 keeps it as it is)
+  config.validation_per_class = 0   # CIFAR, image_folder: balanced validation held
+                                    # out of train
+  config.data_dir = ""              # tfds data directory; "": tfds's default;
+                                    # image_folder: ROOT of ROOT/{train,test}/<class>/*
+  config.image_folder_memory_mb = 2048.0  # image_folder: a training split decoding
+                                    # to at most this many MiB at image_size stays in
+                                    # memory (on every device), a larger one streams
+  config.image_folder_skip_unreadable = False  # image_folder: leave out files that
+                                    # do not decode (counted in the log), not stop
   config.tfds_download = True       # prepare a missing tfds set (needs internet)
-  config.image_size = 224           # streaming sets: network input S x S
+  config.image_size = 224           # streaming sets, image_folder: network input S x S
   config.shuffle_buffer = 10_000    # streaming sets: examples per process
   config.augment_pad = 4            # in-memory sets: zero padding before the random crop
   config.augment_flip = True        # in-memory sets: random horizontal flips
@@ -216,6 +239,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.validation_per_class < 0:
     raise ConfigError(f"validation_per_class must be >= 0, got "
                       f"{config.validation_per_class}.")
+  if config.dataset == "image_folder" and not config.data_dir:
+    raise ConfigError("dataset 'image_folder' reads the folder --config.data_dir=ROOT "
+                      "(ROOT/train/<class>/*, ROOT/test/<class>/*); none was given.")
+  if config.image_folder_memory_mb < 0:
+    raise ConfigError(f"image_folder_memory_mb must be >= 0, got "
+                      f"{config.image_folder_memory_mb}.")
   if config.dataset not in IN_MEMORY_DATASETS:
     if config.image_size < 32:
       raise ConfigError(f"image_size must be at least 32, got {config.image_size}.")

@@ -3,7 +3,9 @@
   python -m har_jax.main --config=configs/default.py --workdir=/tmp/har \
       [--config.FIELD=VALUE ...]
 
-Running the same command in the same workdir resumes from its latest checkpoint.
+Running the same command in the same workdir resumes from its latest checkpoint;
+a config that differs outside har_jax.config.RESTART_SAFE_FIELDS, or a second live
+run on the workdir, is refused (har_jax/workdir.py).
 """
 
 import json

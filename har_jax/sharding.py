@@ -108,6 +108,17 @@ def allgather_sum(value: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(value))).sum(axis=0)
 
 
+def on_every_process(flags) -> np.ndarray:
+  """Whether each of ``flags`` (bool [K]) holds on every process of the run: bool [K].
+
+  A collective: every process calls it with the same K.
+  """
+  flags = np.asarray(flags, bool)
+  if jax.process_count() == 1:
+    return flags
+  return np.asarray(multihost_utils.process_allgather(flags)).all(axis=0)
+
+
 def _cluster_environment() -> bool:
   """Whether a multi-process launcher that jax detects by itself started us."""
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1:

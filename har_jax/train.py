@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import threading
@@ -33,6 +32,7 @@ from har_jax import metrics as metrics_lib
 from har_jax import models
 from har_jax import runtime
 from har_jax import sharding
+from har_jax import workdir as workdir_lib
 from har_jax.data import augment
 from har_jax.data import digits
 from har_jax.data import long_tail
@@ -332,6 +332,9 @@ def load_data(config: ml_collections.ConfigDict, *, workdir: Optional[str] = Non
   if config.dataset == "digits":
     return digits.load_digits(imbalance_factor=config.imbalance_factor,
                                seed=config.seed)
+  if config.dataset == "image_folder":
+    from har_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+    return image_folder.load_from_config(config, workdir=workdir)
   # TensorFlow is imported only for the tfds sources.
   from har_jax.data import streaming  # pylint: disable=g-import-not-at-top
   from har_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
@@ -342,7 +345,7 @@ def load_data(config: ml_collections.ConfigDict, *, workdir: Optional[str] = Non
         validation_per_class=config.validation_per_class, data_dir=data_dir,
         download=config.tfds_download)
   cache = os.path.join(workdir, "class_counts.json") if workdir else None
-  cached = _read_json(cache) if cache else None
+  cached = workdir_lib.read_json(cache) if cache else None
   if cached is not None and cached.get("dataset") != config.dataset:
     cached = None
   data = streaming.load_streaming(
@@ -352,8 +355,8 @@ def load_data(config: ml_collections.ConfigDict, *, workdir: Optional[str] = Non
       process_count=jax.process_count(),
       class_counts=cached["class_counts"] if cached else None)
   if cache and cached is None and jax.process_index() == 0:
-    _write_json(cache, {"dataset": config.dataset,
-                        "class_counts": list(data.class_counts)})
+    workdir_lib.write_json(cache, {"dataset": config.dataset,
+                                   "class_counts": list(data.class_counts)})
   return data
 
 
@@ -383,6 +386,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (resuming from ``workdir`` when it holds checkpoints), evaluates, and
   writes ``workdir/summary.json``, TensorBoard events and orbax checkpoints.
 
+  The workdir holds one run (har_jax/workdir.py): a config that differs from
+  the recorded one outside ``config.RESTART_SAFE_FIELDS``, checkpoints of
+  another model, or another live run in it stop the run before it writes.
+
   Args:
     config: see ``har_jax/config.py``.
     workdir: the run's directory.
@@ -393,15 +400,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     config.ConfigError: the configuration cannot run.
+    workdir.WorkdirError (a ConfigError): the workdir holds another config's
+      run or checkpoints, or a live run.
     NonFiniteLossError: the loss became NaN or infinite (checkpoints kept).
     Preempted: SIGTERM arrived; the state was saved first.
   """
   mesh = sharding.create_mesh() if mesh is None else mesh
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
   runtime.log_platform(list(mesh.devices.flat))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:  # experiments/ rebuild the model and data from it
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  with workdir_lib.claim(workdir, config) as claimed:
+    return _train_and_evaluate(config, claimed, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, claimed: workdir_lib.Claim,
+                        mesh: jax.sharding.Mesh) -> dict:
+  """:func:`train_and_evaluate` in a claimed workdir."""
+  workdir = claimed.directory
   try:
     data = load_data(config, workdir=workdir)
     steps_per_epoch = pipeline.steps_per_epoch(data.num_train, config.batch_size)
@@ -419,8 +433,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=config.max_checkpoints)
-  state, restored_step = checkpointer.restore_latest(
-      create_train_state(config, model, tx, image_shape, mesh, abstract=True))
+  try:
+    state, restored_step = checkpointer.restore_latest(
+        create_train_state(config, model, tx, image_shape, mesh, abstract=True))
+  except checkpoint.IncompatibleCheckpointError as error:
+    checkpointer.close()
+    raise workdir_lib.WorkdirError(
+        f"{workdir} holds checkpoints of another model, exits or data set than this "
+        f"config asks for ({config.model}, exits {config.exits}, "
+        f"{data.num_classes} classes of {config.dataset}): {error}. Give this config "
+        "a new workdir.") from None
+  claimed.record_start()
   summary_path = os.path.join(workdir, "summary.json")
   best_path = os.path.join(workdir, "best_validation.json")
   if state is None:
@@ -431,8 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if restored_step >= total_steps and os.path.exists(summary_path):
       logging.info("The run in %s is finished; its summary stands.", workdir)
       checkpointer.close()
-      return _read_json(summary_path)
-    best = _read_json(best_path)
+      return workdir_lib.read_json(summary_path)
+    best = workdir_lib.read_json(best_path)
   writer = _create_writer(workdir)
   logging.info("%s: %d train images, class counts %s, %d steps of %d "
                "(%d per epoch), %d device(s).", config.dataset, data.num_train,
@@ -514,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer.write_scalars(total_steps, _evaluation_scalars("test", summary))
   writer.close()
   if jax.process_index() == 0:
-    _write_json(summary_path, summary)
+    workdir_lib.write_json(summary_path, summary)
   return summary
 
 
@@ -565,7 +588,7 @@ def _validate(steps, state, data, config, mesh, writer, done, best, best_path,
       groups, flops.per_exit, flops.backbone)
   best = {"best_accuracy": accuracy, "best_step": done, "test_at_best": test}
   if jax.process_index() == 0:
-    _write_json(best_path, best)
+    workdir_lib.write_json(best_path, best)
   return best
 
 
@@ -600,19 +623,3 @@ def _abbreviated(values, shown: int = 12) -> str:
 def _duration(seconds: float) -> str:
   seconds = int(round(seconds))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _read_json(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _write_json(path: str, value: dict) -> None:
-  # Write-then-rename: an interrupted write never leaves half a file.
-  temporary = path + ".tmp"
-  with open(temporary, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(temporary, path)

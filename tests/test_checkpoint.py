@@ -227,9 +227,13 @@ def test_step_unreadable_on_another_process_is_skipped(tmp_path, monkeypatch,
   checkpointer.save(1, make_state(1, mesh))
   checkpointer.save(2, make_state(2, mesh), wait=True)
   # This process reads step 2, but another process of the run fails to.
-  verdicts = iter([False, True])
-  monkeypatch.setattr(checkpoint, "_succeeded_on_every_process",
-                      lambda succeeded: succeeded and next(verdicts))
+  read_elsewhere = iter([False, True])
+
+  def on_every_process(flags):  # [read, compatible] of this process
+    read, compatible = flags
+    return [read and next(read_elsewhere), compatible]
+
+  monkeypatch.setattr(checkpoint.sharding, "on_every_process", on_every_process)
 
   with caplog.at_level(logging.WARNING):
     restored, step = checkpointer.restore_latest(
@@ -239,6 +243,32 @@ def test_step_unreadable_on_another_process_is_skipped(tmp_path, monkeypatch,
   assert_states_equal(restored, make_state(1, mesh))
   assert any("step 2" in r.getMessage() and "another process" in r.getMessage()
              for r in caplog.records), caplog.text
+
+
+def test_checkpoint_of_another_structure_is_refused_in_one_line(tmp_path):
+  mesh = make_mesh()
+  Checkpointer(tmp_path).save(1, make_state(1, mesh), wait=True)
+  # Another model: a wider kernel, no bias, and a head the checkpoint lacks.
+  whole = NamedSharding(mesh, P())
+  wanted = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=whole),
+            "key": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=whole),
+            "params": {"kernel": jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=whole),
+                       "head": {"w": jax.ShapeDtypeStruct((6,), jnp.float32,
+                                                          sharding=whole),
+                                "b": jax.ShapeDtypeStruct((), jnp.float32,
+                                                          sharding=whole)}}}
+
+  with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
+    Checkpointer(tmp_path).restore_latest(wanted)
+
+  message = str(error.value)
+  assert "\n" not in message
+  assert f"step 1 in {tmp_path}" in message
+  assert "params/kernel [8, 4] there, [8, 6] here" in message
+  assert "only in the checkpoint: params/bias" in message
+  # The missing subtree is named once, not leaf by leaf.
+  assert message.endswith("only in the state asked for: params/head"), message
+  assert saved_steps(tmp_path) == [1], "a checkpoint of another run is never deleted"
 
 
 @ignore_closed_event_loop

@@ -2,7 +2,8 @@
 
 Each training subprocess costs 15-50 s of imports and compilation on a small CPU
 machine, so one uninterrupted reference run (module fixture) serves every test
-that needs a finished run or numbers to compare against.
+that needs a finished run or numbers to compare against; a second run started on
+its workdir while it lives shows the lock.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import time
 import pytest
 
 from har_jax import train
+from har_jax import workdir as workdir_lib
 
 import runs
 
@@ -40,6 +43,10 @@ LOG_RECORD = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|"
                         r"WARNING: All log messages before absl::InitializeLog)")
 RESUMED = re.compile(r"Resumed from the checkpoint of step (\d+)")
 PROGRESS = re.compile(r"\] step \d+/\d+ \(epoch")
+LOGGED_STEP = re.compile(r"\] step (\d+)/\d+ \(epoch")
+# A field a restart may change (config.RESTART_SAFE_FIELDS); the run logs every 8.
+RERUN_LOG_EVERY = 3
+RERUN_LOG_FLAG = f"--config.log_every_steps={RERUN_LOG_EVERY}"
 
 
 def _command(workdir, *extra):
@@ -73,6 +80,42 @@ def _finished_steps(workdir):
       os.path.join(directory, name, "commit_success.txt"))}
 
 
+def _starts(workdir):
+  """The starts the workdir recorded (har_jax/workdir.py), oldest first."""
+  path = os.path.join(workdir, workdir_lib.STARTS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _lock_holder(workdir):
+  """The pid the lock file names, or None before a run has written it."""
+  try:
+    with open(os.path.join(workdir, workdir_lib.LOCK_FILE), encoding="utf-8") as f:
+      return json.loads(f.read())["pid"]
+  except (FileNotFoundError, ValueError, KeyError):
+    return None
+
+
+def _messages(stderr):
+  """The lines of stderr that are not log records: what the user is told.
+
+  main.py logs the config (one record over many lines) once it is valid; its
+  lines end at the next record or at har_jax's own message.
+  """
+  messages, in_config = [], False
+  for line in stderr.splitlines():
+    if LOG_RECORD.match(line):
+      in_config = line.endswith("] Config:")
+    elif line.startswith("har_jax:"):
+      in_config = False
+      messages.append(line)
+    elif line.strip() and not in_config:
+      messages.append(line)
+  return messages
+
+
 def _tail(path, chars=3000):
   with open(path, encoding="utf-8", errors="replace") as f:
     return f.read()[-chars:]
@@ -82,14 +125,14 @@ class _Background:
   """A run in the background; its output goes to files, since a full pipe would
   block the child (orbax logs a lot) while the test is busy polling."""
 
-  def __init__(self, workdir, logs):
+  def __init__(self, workdir, logs, *extra):
     self.workdir = workdir
     os.makedirs(logs, exist_ok=True)
     self.stdout_path = os.path.join(logs, "stdout")
     self.stderr_path = os.path.join(logs, "stderr")
     with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-      self.process = subprocess.Popen(_command(workdir), stdout=out, stderr=err,
-                                      env=ENV, cwd=runs.REPO)
+      self.process = subprocess.Popen(_command(workdir, *extra), stdout=out,
+                                      stderr=err, env=ENV, cwd=runs.REPO)
 
   def wait(self):
     return self.process.wait(timeout=TIMEOUT_S)
@@ -98,11 +141,33 @@ class _Background:
     with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
       return f.read()
 
+  def stdout(self):
+    with open(self.stdout_path, encoding="utf-8", errors="replace") as f:
+      return f.read()
+
   def ensure_stopped(self):
     # A failing assertion must not leave a training process behind.
     if self.process.poll() is None:
       self.process.kill()
       self.process.wait(timeout=60)
+
+
+def _await(runs, arrived, what):
+  """Polls until ``arrived(name)`` has returned True once for every ``name`` of
+  ``runs`` ({name: _Background}); fails when one of them ends first."""
+  waiting = set(runs)
+  deadline = time.monotonic() + TIMEOUT_S
+  while waiting:
+    for name in sorted(waiting):
+      run = runs[name]
+      if arrived(name):
+        waiting.remove(name)
+      elif run.process.poll() is not None:
+        pytest.fail(f"the {name} run ended (exit code {run.process.returncode}) "
+                    f"before {what}:\n{_tail(run.stderr_path)}")
+    if waiting and time.monotonic() > deadline:
+      pytest.fail(f"runs {sorted(waiting)}: no {what} after {TIMEOUT_S} s")
+    time.sleep(0.02)  # polling interval only; the condition is checked above
 
 
 @dataclasses.dataclass
@@ -114,9 +179,12 @@ class _Interruption:
   stderr: str
   finished_steps: set       # complete checkpoints when the process was gone
   wrote_summary: bool
+  lock_holder: int          # the pid the lock file named when the process was gone
   resumed_returncode: int
   resumed_stderr: str
   resumed_summary: dict     # None when the rerun wrote none
+  pids: tuple               # of the first run and of the rerun
+  starts: list              # the workdir's recorded starts after the rerun
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +192,9 @@ def interrupted(tmp_path_factory):
   """{SIGKILL: _Interruption, SIGTERM: _Interruption}.
 
   Each run gets its signal as soon as its first checkpoint is complete, then
-  the same command runs again in its workdir. The two lineages run side by
-  side: each process spends most of its time in single-threaded imports and
+  the same command runs again in its workdir (after SIGTERM with another log
+  interval, a field a restart may change). The two lineages run side by side:
+  each process spends most of its time in single-threaded imports and
   compilation, so two share the machine's cores at little cost to either.
   """
   base = tmp_path_factory.mktemp("interrupted")
@@ -133,32 +202,31 @@ def interrupted(tmp_path_factory):
   first_runs = {sig: _Background(str(base / sig.name), str(base / f"{sig.name}.first"))
                 for sig in signals}
   first_checkpoint = {}
+
+  def signal_after_first_checkpoint(name):
+    sig, run = signal.Signals[name], first_runs[signal.Signals[name]]
+    finished = _finished_steps(run.workdir)
+    if finished:
+      first_checkpoint[sig] = min(finished)
+      run.process.send_signal(sig)
+    return bool(finished)
+
   try:
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(first_checkpoint) < len(signals):
-      for sig, run in first_runs.items():
-        if sig in first_checkpoint:
-          continue
-        finished = _finished_steps(run.workdir)
-        if finished:
-          first_checkpoint[sig] = min(finished)
-          run.process.send_signal(sig)
-        elif run.process.poll() is not None:
-          pytest.fail(f"the {sig.name} run ended (exit code {run.process.returncode}) "
-                      f"before its first checkpoint:\n{_tail(run.stderr_path)}")
-      if time.monotonic() > deadline:
-        pytest.fail(f"no finished checkpoint after {TIMEOUT_S} s")
-      time.sleep(0.02)  # polling interval only; the condition is checked above
+    _await({sig.name: run for sig, run in first_runs.items()},
+           signal_after_first_checkpoint, "its first checkpoint")
     returncodes = {sig: run.wait() for sig, run in first_runs.items()}
   finally:
     for run in first_runs.values():
       run.ensure_stopped()
   # Recorded before the reruns change the workdirs.
   left = {sig: (_finished_steps(run.workdir),
-                os.path.exists(os.path.join(run.workdir, "summary.json")))
+                os.path.exists(os.path.join(run.workdir, "summary.json")),
+                _lock_holder(run.workdir))
           for sig, run in first_runs.items()}
 
-  reruns = {sig: _Background(run.workdir, str(base / f"{sig.name}.again"))
+  rerun_flags = {signal.SIGKILL: (), signal.SIGTERM: (RERUN_LOG_FLAG,)}
+  reruns = {sig: _Background(run.workdir, str(base / f"{sig.name}.again"),
+                             *rerun_flags[sig])
             for sig, run in first_runs.items()}
   try:
     rerun_codes = {sig: run.wait() for sig, run in reruns.items()}
@@ -171,20 +239,49 @@ def interrupted(tmp_path_factory):
     results[sig] = _Interruption(
         first_checkpoint=first_checkpoint[sig], returncode=returncodes[sig],
         stderr=first_runs[sig].stderr(), finished_steps=left[sig][0],
-        wrote_summary=left[sig][1], resumed_returncode=rerun_codes[sig],
-        resumed_stderr=reruns[sig].stderr(),
+        wrote_summary=left[sig][1], lock_holder=left[sig][2],
+        resumed_returncode=rerun_codes[sig], resumed_stderr=reruns[sig].stderr(),
         resumed_summary=(_read_summary(first_runs[sig].workdir)
-                         if os.path.exists(summary_path) else None))
+                         if os.path.exists(summary_path) else None),
+        pids=(first_runs[sig].process.pid, reruns[sig].process.pid),
+        starts=_starts(first_runs[sig].workdir))
   return results
+
+
+@dataclasses.dataclass
+class _Reference:
+  """The uninterrupted run, and a second run started on its workdir meanwhile."""
+
+  workdir: str
+  result: subprocess.CompletedProcess
+  summary: dict
+  pid: int
+  second: subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """One uninterrupted run: (workdir, completed process, its summary.json)."""
+  """One uninterrupted run. As soon as it holds its workdir's lock it is paused
+  (SIGSTOP), so that the same command started on the workdir meets a live run
+  however slowly it starts; then the reference continues to its end."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  result = _run(_command(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result, _read_summary(workdir)
+  run = _Background(workdir, workdir + ".logs")
+  try:
+    _await({"reference": run}, lambda _: _lock_holder(workdir) == run.process.pid,
+           "its workdir's lock")
+    run.process.send_signal(signal.SIGSTOP)
+    try:
+      second = _run(_command(workdir))
+    finally:
+      run.process.send_signal(signal.SIGCONT)
+    returncode = run.wait()
+  finally:
+    run.ensure_stopped()
+  stderr = run.stderr()
+  assert returncode == 0, stderr[-3000:]
+  result = subprocess.CompletedProcess(run.process.args, returncode, run.stdout(), stderr)
+  return _Reference(workdir=workdir, result=result, summary=_read_summary(workdir),
+                    pid=run.process.pid, second=second)
 
 
 def _assert_same_as_reference(summary, reference_summary):
@@ -195,18 +292,28 @@ def _assert_same_as_reference(summary, reference_summary):
 # --- Bad input: one clear line, exit code 2, no traceback. -------------------------
 
 WORKDIR_FLAG = "--workdir={}"  # filled in with the test's directory
+# The config a run with FLAGS records in its workdir, but another learning rate.
+OTHER_LEARNING_RATE = runs.small_config(num_train_steps=TOTAL_STEPS,
+                                        checkpoint_every_steps=4, learning_rate=0.05)
 
 
-@pytest.mark.parametrize("extra, keyword", [
-    (["--config.not_a_field=1", WORKDIR_FLAG], r"(?i)unknown.*not_a_field"),
-    (["--config.exits=CBBE", WORKDIR_FLAG], r"CBBE.*stages"),
-    (["--config.imbalance_factor=0.5", WORKDIR_FLAG], r"imbalance_factor.*0\.5"),
-    (["--config.batch_size=60", WORKDIR_FLAG], r"batch_size 60.*device count \(8\)"),
-    ([], r"--workdir is required"),
+@pytest.mark.parametrize("extra, keyword, recorded", [
+    (["--config.not_a_field=1", WORKDIR_FLAG], r"(?i)unknown.*not_a_field", None),
+    (["--config.exits=CBBE", WORKDIR_FLAG], r"CBBE.*stages", None),
+    (["--config.imbalance_factor=0.5", WORKDIR_FLAG], r"imbalance_factor.*0\.5", None),
+    (["--config.batch_size=60", WORKDIR_FLAG], r"batch_size 60.*device count \(8\)",
+     None),
+    ([], r"--workdir is required", None),
+    ([WORKDIR_FLAG], r"holds a run of another config: learning_rate 0\.05 there, "
+     r"0\.1 now\. Rerun with the config in .*config\.json, or give this config a "
+     r"new workdir\.$", OTHER_LEARNING_RATE),
 ], ids=["unknown_field", "unplaceable_exits", "imbalance_below_one",
-        "batch_not_divisible", "missing_workdir"])
-def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, extra, keyword):
+        "batch_not_divisible", "missing_workdir", "changed_learning_rate"])
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, extra, keyword, recorded):
   workdir = tmp_path / "run"
+  if recorded is not None:  # what a first run in the workdir left
+    workdir.mkdir()
+    (workdir / workdir_lib.CONFIG_FILE).write_text(json.dumps(recorded.to_dict()))
   args = [sys.executable, "-m", "har_jax.main", *FLAGS,
           *(flag.format(workdir) for flag in extra)]
   started = time.monotonic()
@@ -216,8 +323,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, extra, keyword):
   assert "Traceback" not in result.stderr
   # JAX may log its backend probing (an absl INFO record) before the check that
   # fails; the user-facing message is what must be a single line.
-  messages = [line for line in result.stderr.splitlines()
-              if line.strip() and not LOG_RECORD.match(line)]
+  messages = _messages(result.stderr)
   assert len(messages) == 1, result.stderr
   assert messages[0].startswith("har_jax: error: "), messages[0]
   assert re.search(keyword, messages[0]), messages[0]
@@ -226,13 +332,17 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, extra, keyword):
   assert result.stdout == ""
   # Rejected before training, so nothing was written.
   assert not (workdir / "checkpoints").exists()
+  assert not (workdir / workdir_lib.STARTS_FILE).exists()
+  if recorded is not None:
+    assert json.loads((workdir / workdir_lib.CONFIG_FILE).read_text()) == json.loads(
+        json.dumps(recorded.to_dict()))
   assert seconds < 60, f"a usage error took {seconds:.0f} s"
 
 
 # --- End to end. -----------------------------------------------------------------
 
 def test_run_prints_and_writes_the_summary(reference):
-  workdir, result, summary = reference
+  workdir, result, summary = reference.workdir, reference.result, reference.summary
   assert "Traceback" not in result.stderr
   # The JSON summary is the last line of stdout, and the same as summary.json.
   assert json.loads(result.stdout.strip().splitlines()[-1]) == summary
@@ -257,7 +367,7 @@ def test_run_prints_and_writes_the_summary(reference):
 def test_library_info_logs_stay_out_of_stderr(reference):
   # main.py filters the libraries' INFO records (orbax logs every save) so that
   # the progress lines stay readable; its own INFO lines must still come through.
-  _, result, _ = reference
+  result = reference.result
   assert PROGRESS.search(result.stderr), result.stderr[-3000:]
   chatter = [line for line in result.stderr.splitlines()
              if re.match(r"I\d{4} .* (checkpoint_manager|async_checkpointer)\.py:", line)]
@@ -293,8 +403,12 @@ def test_sigkill_then_rerun_resumes_and_matches(interrupted, reference):
   assert resumed_step == max(run.finished_steps)
   assert run.first_checkpoint <= resumed_step < TOTAL_STEPS
   assert run.resumed_summary is not None
-  _assert_same_as_reference(run.resumed_summary, reference[2])
+  _assert_same_as_reference(run.resumed_summary, reference.summary)
   assert run.resumed_summary["train_step_compiles"] == 1
+  # The killed run held the workdir's lock; the OS dropped it with the process,
+  # so the rerun was not refused. Both starts are on record.
+  assert run.lock_holder == run.pids[0]
+  assert [start["pid"] for start in run.starts] == list(run.pids)
 
 
 def test_sigterm_saves_exits_143_and_rerun_matches(interrupted, reference):
@@ -313,7 +427,52 @@ def test_sigterm_saves_exits_143_and_rerun_matches(interrupted, reference):
   assert run.resumed_returncode == 0, run.resumed_stderr[-3000:]
   assert f"Resumed from the checkpoint of step {stopped_at} " in run.resumed_stderr
   assert run.resumed_summary is not None
-  _assert_same_as_reference(run.resumed_summary, reference[2])
+  _assert_same_as_reference(run.resumed_summary, reference.summary)
+  # The rerun changed the log interval, which a restart may: it logged at its own
+  # interval, and the history keeps both starts' configs.
+  logged = [int(step) for step in LOGGED_STEP.findall(run.resumed_stderr)]
+  assert logged == [step for step in range(stopped_at + 1, TOTAL_STEPS + 1)
+                    if step % RERUN_LOG_EVERY == 0 or step == TOTAL_STEPS], logged
+  assert [start["config"]["log_every_steps"] for start in run.starts] == [
+      runs.SMALL["log_every_steps"], RERUN_LOG_EVERY]
+
+
+# --- A workdir holds one run. -----------------------------------------------------
+
+def test_a_second_live_run_is_refused_and_the_first_finishes(reference):
+  second = reference.second
+  assert second.returncode == 2, second.stderr[-3000:]
+  messages = _messages(second.stderr)
+  assert len(messages) == 1, second.stderr
+  assert re.match(rf"har_jax: error: {re.escape(reference.workdir)} is in use by a "
+                  rf"live run \(host {re.escape(socket.gethostname())}, pid "
+                  rf"{reference.pid}, since ", messages[0]), messages[0]
+  assert second.stdout == ""
+  # The first run was not disturbed (its summary is checked above and against the
+  # resumed runs), and the refused one left no record.
+  assert [start["pid"] for start in _starts(reference.workdir)] == [reference.pid]
+
+
+def test_checkpoints_of_other_exits_are_refused_in_one_line(tmp_path, reference):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference.workdir, workdir)
+  # A workdir from before runs recorded their config: only the checkpoints tell.
+  os.remove(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+  result = _run(_command(workdir, "--config.exits=CBBBE"))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  messages = _messages(result.stderr)
+  assert len(messages) == 1, result.stderr
+  assert messages[0].startswith(
+      f"har_jax: error: {workdir} holds checkpoints of another model, exits or data "
+      "set than this config asks for (resnet8, exits CBBBE, 10 classes of digits): "
+      f"the checkpoint of step {TOTAL_STEPS} in "), messages[0]
+  # The two early exits are in the checkpoint, not in this config's model.
+  assert "only in the checkpoint: params/exit0, params/exit1" in messages[0]
+  assert messages[0].endswith("Give this config a new workdir."), messages[0]
+  # The refused config did not become the workdir's.
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+  assert len(_starts(workdir)) == 1
 
 
 # --- A finished run, run again, does not train again. -----------------------------
@@ -321,7 +480,7 @@ def test_sigterm_saves_exits_143_and_rerun_matches(interrupted, reference):
 def test_finished_run_is_not_trained_again(tmp_path, reference):
   # A copy, so that the reference stays as the uninterrupted run left it.
   workdir = str(tmp_path / "run")
-  shutil.copytree(reference[0], workdir)
+  shutil.copytree(reference.workdir, workdir)
   checkpoints_before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   result = _run(_command(workdir))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -333,4 +492,7 @@ def test_finished_run_is_not_trained_again(tmp_path, reference):
   assert summary["steps"] == TOTAL_STEPS
   # train_loss included: a rerun must not replace the finished run's numbers
   # with "nothing trained here" placeholders.
-  _assert_same_as_reference(summary, reference[2])
+  _assert_same_as_reference(summary, reference.summary)
+  # A start of its own on record, after the reference's.
+  assert [start["pid"] for start in _starts(workdir)][:1] == [reference.pid]
+  assert len(_starts(workdir)) == 2

@@ -13,7 +13,7 @@ import runs
 # XLA's convolutions in both runs: this compares sharding, not convolution kernels
 # (one process on one CPU device would otherwise pick har_jax's own).
 FLAGS = runs.config_flags(num_train_steps=14, eval_every_epochs=1, drw_start_epoch=1,
-                          conv_impl="xla")
+                          conv_impl="xla", log_every_steps=1)
 
 
 def _free_port():
@@ -48,16 +48,15 @@ def test_two_processes_agree_with_one(tmp_path):
   one = _launch(tmp_path / "one", 8)
   outputs = [_finish(process) for process in two]
   _finish(one)
-  with open(tmp_path / "one" / "summary.json") as f:
-    single = json.load(f)
-  with open(tmp_path / "two" / "summary.json") as f:
-    double = json.load(f)
   # Both processes report the same global result.
-  assert json.loads(outputs[0].splitlines()[-1])["accuracy"] == double["accuracy"]
-  assert json.loads(outputs[1].splitlines()[-1])["accuracy"] == double["accuracy"]
-  for field in ("accuracy", "many", "medium", "few", "flops_saving", "train_loss"):
-    np.testing.assert_allclose(double[field], single[field], rtol=1e-5, err_msg=field)
-  for field in ("per_exit_accuracy", "exit_fraction"):
-    np.testing.assert_allclose(double[field], single[field], rtol=1e-5, err_msg=field)
-  assert double["validation"]["best_step"] == single["validation"]["best_step"]
-  assert double["train_step_compiles"] == 1
+  written = runs.read_summary(tmp_path / "two")
+  for output in outputs:
+    assert json.loads(output.splitlines()[-1])["accuracy"] == written["accuracy"]
+  # Four devices in each of two processes reduce over the CPU collectives in
+  # another order than eight devices in one process: the same training, other
+  # rounding (runs.assert_runs_agree says what that guarantees).
+  double, single = runs.assert_runs_agree(tmp_path / "two", tmp_path / "one")
+  # The best validation accuracy (100 images) agrees within the same flips;
+  # its step may differ only where two validations were that close.
+  assert abs(double["validation"]["best_accuracy"]
+             - single["validation"]["best_accuracy"]) <= 10 / 100 + 1e-9

@@ -1,5 +1,6 @@
 """experiments/reproduce.py: the whole grid on mock data, resumable, as Markdown."""
 
+import json
 import os
 import re
 import subprocess
@@ -85,6 +86,27 @@ def test_each_method_configures_its_loss_har_drw_and_exits():
     assert (config.drw_start_epoch == 160) == drw and (config.drw_start_epoch < 0) != drw
     assert config.imbalance_factor == 50.0 and config.seed == 3
     assert config.dataset == "cifar100" and config.num_epochs == 200
+
+
+def test_a_cell_whose_folder_records_another_config_is_refused(tmp_path):
+  cells = [("cifar10", 100.0, "CE", 0), ("cifar10", 100.0, "CE", 1),
+           ("cifar10", 100.0, "Focal", 0)]
+  configs = {cell: reproduce.run_config(*cell, smoke=False) for cell in cells}
+  planted = {cells[0]: {"learning_rate": 0.2},  # another experiment
+             cells[1]: {"log_every_steps": 7}}  # a field a restart may change
+  for cell, change in planted.items():
+    recorded = reproduce.run_config(*cell, smoke=False)
+    recorded.update(change)
+    directory = reproduce.run_dir(str(tmp_path), *cell)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(recorded.to_dict(), f)
+
+  refused = reproduce.refused_cells(str(tmp_path), configs)
+
+  assert len(refused) == 1, refused
+  assert refused[0].startswith(reproduce.run_dir(str(tmp_path), *cells[0]))
+  assert "learning_rate 0.2 there, 0.1 now" in refused[0]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,6 +9,7 @@ from har_jax import train
 from har_jax.data import mock
 from har_jax.data import streaming
 from har_jax.data import tfds_sources
+import runs
 
 
 @pytest.mark.parametrize("name, num_classes, rho", [("cifar10", 10, 10),
@@ -164,44 +165,12 @@ def test_each_process_reads_only_its_shard_and_evaluation_covers_all_once():
     assert all(b["images"].shape == (10, 32, 32, 3) for b in part)
 
 
-def _paper_config(name):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.mark.parametrize("name, dataset, model", [
     ("cifar10_lt", "cifar10", "resnet32"), ("cifar100_lt", "cifar100", "resnet32"),
     ("imagenet_lt", "imagenet_lt", "resnext50_32x4d"),
     ("inat18", "i_naturalist2018", "resnet50")])
 def test_paper_configs_are_valid(name, dataset, model):
-  config = _paper_config(name)
+  config = runs.paper_config(name)
   config_lib.validate(config, num_devices=8)
   assert (config.dataset, config.model) == (dataset, model)
   assert config.loss == "ldam" and config.har and config.drw_start_epoch > 0
-
-
-def test_streaming_run_trains_evaluates_and_caches_the_class_counts(tmp_path):
-  config = _paper_config("imagenet_lt")
-  # 1000 examples, 5 steps an epoch: one epoch, validated at its end.
-  config.update(model="resnet8", exits="CBEBEBE", image_size=32, batch_size=200,
-                eval_batch_size=400, num_train_steps=5, warmup_epochs=0,
-                drw_start_epoch=0, shuffle_buffer=64, log_every_steps=1,
-                eval_every_epochs=1, checkpoint_every_steps=5)
-  workdir = str(tmp_path / "run")
-  with mock.mock_tfds(train_per_class=1, test_per_class=1):
-    summary = train.train_and_evaluate(config, workdir)
-  assert summary["steps"] == 5 and summary["train_step_compiles"] == 1
-  assert np.isfinite(summary["train_loss"])
-  assert summary["class_counts"] == [1] * 1000
-  assert len(summary["per_exit_accuracy"]) == 3
-  np.testing.assert_allclose(sum(summary["exit_fraction"]), 1.0, rtol=1e-6)
-  cached = train._read_json(str(tmp_path / "run" / "class_counts.json"))
-  assert cached == {"dataset": "imagenet_lt", "class_counts": [1] * 1000}
-  # The validation split (ImageNet-LT has one) was evaluated on the way.
-  assert summary["validation"]["best_step"] == 5

@@ -64,6 +64,7 @@ class InMemoryData:
     num_classes: C.
     mean: per-channel mean of the training images scaled to ``[0, 1]``.
     std: per-channel standard deviation of the same.
+    class_names: ``[C]`` names of the classes, or None where they are indices.
   """
   train: ArrayDataset
   validation: Optional[ArrayDataset]
@@ -71,6 +72,7 @@ class InMemoryData:
   num_classes: int
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
+  class_names: Optional[Tuple[str, ...]] = None
 
   @property
   def class_counts(self) -> Tuple[int, ...]:

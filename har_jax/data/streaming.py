@@ -1,23 +1,26 @@
-"""ImageNet-scale data streamed from tfds: decoding and augmentation on the host.
+"""ImageNet-scale data streamed from tfds or from image files: decoding and
+augmentation on the host.
 
-Each process reads only its shard of a split: the contiguous examples
-``[p * N // P, (p + 1) * N // P)`` (:func:`shard_range`). Training examples are
-decoded with a random-resized crop to ``image_size`` and a horizontal flip,
-evaluation ones resized to ``image_size / 0.875`` on the shorter side and centre
-cropped. Batches leave the host as uint8; the train step normalises them.
+A :data:`SplitReader` gives each process only its shard of a split (for tfds
+sets the contiguous examples ``[p * N // P, (p + 1) * N // P)`` of
+:func:`shard_range`). Training examples are decoded with a random-resized crop
+to ``image_size`` and a horizontal flip, evaluation ones resized to
+``image_size / 0.875`` on the shorter side and centre cropped; JPEG, PNG, GIF,
+BMP and WebP, grayscale or colour, all decode to RGB. Batches leave the host as
+uint8; the train step normalises them.
 
 The training order is a pure function of ``(seed, step)`` for a given process
-count: epoch ``e`` reads the shard with file order and shuffle buffer seeded
-by ``(seed, e)``, and every example's crop and flip are seeded by ``(seed, e)``
-and its position in the epoch. A run resumed at step ``s`` skips the first
-``s % steps_per_epoch`` batches of its epoch before decoding them, so it sees
-exactly the batches an uninterrupted run sees.
+count: epoch ``e`` reads the shard in the order seeded by ``(seed, e)`` (file
+order and shuffle buffer), and every example's crop and flip are seeded by
+``(seed, e)`` and its position in the epoch. A run resumed at step ``s`` skips
+the first ``s % steps_per_epoch`` batches of its epoch before decoding them, so
+it sees exactly the batches an uninterrupted run sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -49,31 +52,53 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return (seed * 1_000_003 + epoch) % (2**31 - 1)
 
 
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+  """Any JPEG, PNG, GIF (its first frame), BMP or WebP as uint8 ``[H, W, 3]``;
+  grayscale is repeated over the three channels and alpha dropped."""
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
 def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
                         area_range=(0.08, 1.0),
                         aspect_ratio_range=(3 / 4, 4 / 3)) -> tf.Tensor:
-  """Decodes the JPEG crop of a random area and aspect ratio, resized to
-  ``image_size`` square (torchvision's RandomResizedCrop), uint8 ``[S, S, 3]``.
-  Falls back to the whole image when no crop fits, as torchvision does."""
-  shape = tf.image.extract_jpeg_shape(encoded)
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
-      seed=seed, min_object_covered=0.0, aspect_ratio_range=aspect_ratio_range,
-      area_range=area_range, max_attempts=10, use_image_if_no_bounding_boxes=True)
-  offset_y, offset_x, _ = tf.unstack(begin)
-  height, width, _ = tf.unstack(size)
-  image = tf.image.decode_and_crop_jpeg(
-      encoded, tf.stack([offset_y, offset_x, height, width]), channels=3)
+  """The crop of a random area and aspect ratio, resized to ``image_size``
+  square (torchvision's RandomResizedCrop), uint8 ``[S, S, 3]``.
+
+  A JPEG decodes only its crop; other formats (:func:`decode_rgb`) decode whole
+  and are cropped after, at the same window for the same seed. Falls back to
+  the whole image when no crop fits, as torchvision does.
+  """
+  def window(shape):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed, min_object_covered=0.0, aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+  def jpeg():
+    return tf.image.decode_and_crop_jpeg(
+        encoded, window(tf.image.extract_jpeg_shape(encoded)), channels=3)
+
+  def other_format():
+    image = decode_rgb(encoded)
+    top, left, height, width = tf.unstack(window(tf.shape(image)))
+    return image[top:top + height, left:left + width]
+
+  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other_format)
   return _resize_uint8(image, [image_size, image_size])
 
 
-def resize_centre_crop(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Decodes, resizes the shorter side to ``image_size / 0.875`` and takes the
-  centre ``image_size`` square, uint8 ``[S, S, 3]``."""
-  image = tf.io.decode_jpeg(encoded, channels=3)
+def resize_centre_crop(encoded: tf.Tensor, image_size: int,
+                       crop_fraction: float = CENTRE_CROP_FRACTION) -> tf.Tensor:
+  """Decodes (:func:`decode_rgb`), resizes the shorter side to ``image_size /
+  crop_fraction`` and takes the centre ``image_size`` square, uint8 ``[S, S, 3]``.
+  ``crop_fraction`` 1 keeps the whole shorter side."""
+  image = decode_rgb(encoded)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (image_size / CENTRE_CROP_FRACTION) / tf.reduce_min(shape)
-  resized = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+  scale = (image_size / crop_fraction) / tf.reduce_min(shape)
+  # Rounded, not ceiled: the shorter side lands on image_size / crop_fraction
+  # exactly (a ceil of 224.00002 would be 225), the longer one is no shorter.
+  resized = tf.cast(tf.math.round(shape * scale), tf.int32)
   image = _resize_uint8(image, resized)
   top = (resized[0] - image_size) // 2
   left = (resized[1] - image_size) // 2
@@ -85,35 +110,60 @@ def _resize_uint8(image: tf.Tensor, size) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
+# (which split, process index, process count, shuffle seed or None) -> that
+# process's shard of the split as {"image": encoded bytes, "label": int}; with
+# a seed, in the order of that seed (the epoch's), else in the stored order.
+SplitReader = Callable[[str, int, int, Optional[int]], tf.data.Dataset]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsReader:
+  """A :data:`SplitReader` of a prepared tfds builder: process ``p`` reads the
+  contiguous examples :func:`shard_range` gives it; a seed shuffles the order
+  of the files and of their reads."""
+  tfds_builder: tfds.core.DatasetBuilder
+  source: tfds_sources.Source
+  split_sizes: dict
+
+  def __call__(self, which: str, process_index: int, process_count: int,
+               shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+    start, end = shard_range(self.split_sizes[which], process_index, process_count)
+    split = {"train": self.source.train_split, "test": self.source.test_split,
+             "validation": self.source.validation_split}[which]
+    return self.tfds_builder.as_dataset(
+        split=f"{split}[{start}:{end}]", shuffle_files=shuffle_seed is not None,
+        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+        decoders={"image": tfds.decode.SkipDecoding()})
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamingData:
-  """A tfds data set read in shards, with the statistics training needs.
+  """A data set read in shards, with the statistics training needs.
 
   Attributes:
-    name: the key of :data:`tfds_sources.SOURCES`.
-    tfds_builder: the prepared builder.
+    name: the data set's name in configs.
+    read: reads a process's shard of a split (:data:`SplitReader`).
     class_counts: ``[C]`` training examples per class, counted from the data.
     split_sizes: examples of ``"train"``, ``"test"`` and (when present)
       ``"validation"``.
     image_size: S of the network input ``[S, S, 3]``.
     shuffle_buffer: examples in the training shuffle buffer of each process.
+    mean, std: per-channel statistics the train step normalises with.
+    class_names: ``[C]`` names of the classes, or None where they are indices.
   """
   name: str
-  tfds_builder: tfds.core.DatasetBuilder
+  read: SplitReader
   class_counts: Tuple[int, ...]
   split_sizes: dict
   image_size: int
   shuffle_buffer: int = 10_000
   mean: Tuple[float, ...] = tfds_sources.IMAGENET_MEAN
   std: Tuple[float, ...] = tfds_sources.IMAGENET_STD
-
-  @property
-  def source(self) -> tfds_sources.Source:
-    return tfds_sources.SOURCES[self.name]
+  class_names: Optional[Tuple[str, ...]] = None
 
   @property
   def num_classes(self) -> int:
-    return self.source.num_classes
+    return len(self.class_counts)
 
   @property
   def num_train(self) -> int:
@@ -126,19 +176,6 @@ class StreamingData:
   @property
   def has_validation(self) -> bool:
     return "validation" in self.split_sizes
-
-  def _tfds_split(self, which: str) -> str:
-    return {"train": self.source.train_split, "test": self.source.test_split,
-            "validation": self.source.validation_split}[which]
-
-  def _read(self, which: str, process_index: int, process_count: int, *,
-            shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
-    start, end = shard_range(self.split_sizes[which], process_index, process_count)
-    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
-    return self.tfds_builder.as_dataset(
-        split=f"{self._tfds_split(which)}[{start}:{end}]",
-        shuffle_files=shuffle_seed is not None, read_config=read_config,
-        decoders={"image": tfds.decode.SkipDecoding()})
 
   def train_batches(self, *, start_step: int, global_batch_size: int, seed: int,
                     process_index: int = 0,
@@ -157,8 +194,7 @@ class StreamingData:
     epoch, skip = divmod(start_step, per_epoch)
     while True:
       epoch_seed = _epoch_seed(seed, epoch)
-      dataset = self._read("train", process_index, process_count,
-                           shuffle_seed=epoch_seed)
+      dataset = self.read("train", process_index, process_count, epoch_seed)
       dataset = dataset.shuffle(self.shuffle_buffer, seed=epoch_seed,
                                 reshuffle_each_iteration=False)
       # Skip before decoding: resuming costs reads, not decodes.
@@ -198,7 +234,7 @@ class StreamingData:
     largest_shard = -(-self.split_sizes[which] // process_count)
     batches = num_eval_batches(largest_shard, local)
     image_size = self.image_size
-    dataset = self._read(which, process_index, process_count).map(
+    dataset = self.read(which, process_index, process_count, None).map(
         lambda ex: {"images": resize_centre_crop(ex["image"], image_size),
                     "labels": tf.cast(ex["label"], tf.int32)},
         num_parallel_calls=tf.data.AUTOTUNE)
@@ -285,6 +321,6 @@ def load_streaming(name: str, *, image_size: int = 224, shuffle_buffer: int = 10
   if empty:
     raise ValueError(f"{name}: class {empty[0]} has no training examples "
                      f"({len(empty)} empty classes in all).")
-  return StreamingData(name=name, tfds_builder=tfds_builder,
+  return StreamingData(name=name, read=TfdsReader(tfds_builder, source, split_sizes),
                        class_counts=tuple(class_counts), split_sizes=split_sizes,
                        image_size=image_size, shuffle_buffer=shuffle_buffer)

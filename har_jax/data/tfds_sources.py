@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence, Tuple
+import re
+import socket
+from typing import Optional, Tuple
+import urllib.error
 
 import numpy as np
+import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax.data import specs
 from har_jax.data.long_tail import long_tail_counts
+from har_jax.data.long_tail import long_tail_subset
 from har_jax.data.pipeline import ArrayDataset
 from har_jax.data.pipeline import InMemoryData
 from har_jax.data.pipeline import channel_mean_std
@@ -97,7 +102,9 @@ def builder(name: str, *, data_dir: Optional[str] = None,
 
   Raises:
     DataNotPreparedError: it is not prepared and cannot be prepared now; the
-      message names the tfds command or the manual-download folder.
+      message names the tfds command or the manual-download folder, and for
+      a failed preparation tells a module missing from the installation, a
+      network failure and any other cause apart.
   """
   source = SOURCES[name]
   tfds_builder = tfds.builder(source.tfds_name, data_dir=data_dir)
@@ -122,13 +129,65 @@ def builder(name: str, *, data_dir: Optional[str] = None,
   try:
     tfds_builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual))
-  except Exception as error:  # tfds raises many kinds; all mean the same here
-    raise DataNotPreparedError(
-        f"{name} could not be downloaded and prepared in "
-        f"{tfds_builder.data_dir} ({type(error).__name__}: {error}). Prepare it "
-        f"with `{build}` on a machine with internet access and copy the data "
-        f"directory here.") from None
+  except Exception as error:  # tfds raises many kinds; sorted out below
+    raise _preparation_error(name, tfds_builder.data_dir, build, error) from error
   return tfds_builder
+
+
+def _causes(error: BaseException):
+  """``error`` and the exceptions it was raised from or during."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _missing_module(error: BaseException) -> Optional[str]:
+  """The module whose import failed in ``error``'s chain, or None."""
+  for cause in _causes(error):
+    if isinstance(cause, ModuleNotFoundError):
+      # Re-raised import errors (tfds's lazy imports) lose `name`; the message
+      # keeps Python's "No module named 'x'".
+      match = re.search(r"No module named '([\w.]+)'", str(cause))
+      return cause.name or (match.group(1) if match else None)
+  return None
+
+
+def _is_network_error(error: BaseException) -> bool:
+  """Whether ``error`` came from reaching a server: no connection, a time-out,
+  an HTTP error status."""
+  network = (requests.exceptions.RequestException, ConnectionError, TimeoutError,
+             socket.gaierror, urllib.error.URLError, tfds.download.DownloadError)
+  return any(isinstance(cause, network) for cause in _causes(error))
+
+
+def _preparation_error(name: str, where: str, build: str,
+                      error: BaseException) -> DataNotPreparedError:
+  """What a failed ``download_and_prepare`` of ``name`` tells the user.
+
+  A module missing from the installation, a network failure and anything else
+  (a checksum mismatch, a corrupt manual download, a full disk) each say what
+  to do about themselves.
+  """
+  module = _missing_module(error)
+  if module:
+    return DataNotPreparedError(
+        f"{name} cannot be prepared: tensorflow-datasets needs the Python module "
+        f"'{module}', which is not installed. This is an installation problem, "
+        f"not a network one: install it (`pip install {module.split('.')[0]}`, "
+        f"or reinstall har_jax, which declares what tfds needs) and rerun.")
+  reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+  if _is_network_error(error):
+    return DataNotPreparedError(
+        f"{name} could not be prepared in {where}: its download failed on the "
+        f"network ({reason}). Check this machine's internet access (and HTTPS_PROXY, if "
+        f"it needs a proxy) and rerun, or prepare it with `{build}` on a machine "
+        f"with internet access and copy the data directory here.")
+  return DataNotPreparedError(
+      f"{name} could not be prepared in {where} ({reason}). Fix the cause and "
+      f"rerun, or prepare it with `{build}` elsewhere and copy the data "
+      f"directory here.")
 
 
 def check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
@@ -154,41 +213,6 @@ def _read_split(tfds_builder: tfds.core.DatasetBuilder, split: str,
   labels = np.concatenate(labels)
   check_labels(labels, num_classes, f"{tfds_builder.name} {split}")
   return np.concatenate(images).astype(np.uint8), labels.astype(np.int32)
-
-
-def long_tail_subset(labels: np.ndarray, counts: Sequence[int], seed: int,
-                     held_out_per_class: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-  """The LDAM-DRW long-tailed subset of a balanced training split.
-
-  For each class in order, its indices are shuffled by one
-  ``np.random.RandomState(seed)``; the first ``held_out_per_class`` go to the
-  held-out (validation) split and the next ``counts[class]`` to training.
-
-  Args:
-    labels: ``[N]`` labels of the balanced split.
-    counts: ``[C]`` training examples to keep per class.
-    seed: the subset's seed (LDAM-DRW uses 0).
-    held_out_per_class: validation examples per class, taken first.
-
-  Returns:
-    ``(train_indices, held_out_indices)``, each ordered by class.
-
-  Raises:
-    ValueError: naming a class that has too few examples.
-  """
-  rng = np.random.RandomState(seed)
-  train, held_out = [], []
-  for label, count in enumerate(counts):
-    indices = np.flatnonzero(labels == label)
-    needed = held_out_per_class + count
-    if len(indices) < needed:
-      raise ValueError(f"class {label} has {len(indices)} training examples; "
-                       f"the long tail needs {needed} ({held_out_per_class} "
-                       f"held out + {count}).")
-    rng.shuffle(indices)
-    held_out.append(indices[:held_out_per_class])
-    train.append(indices[held_out_per_class:needed])
-  return np.concatenate(train), np.concatenate(held_out)
 
 
 def load_cifar_lt(name: str, *, imbalance_factor: float, seed: int,
