@@ -375,7 +375,7 @@ def test_library_info_logs_stay_out_of_stderr(reference):
 
 
 def test_run_logs_its_devices_and_compilation_cache(reference):
-  _, result, _ = reference
+  result = reference.result
   assert re.search(r"\] JAX \S+ on cpu: 8 device\(s\) \(8 x cpu\)", result.stderr), (
       result.stderr[-3000:])
   if os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "").lower() in ("false", "0"):
