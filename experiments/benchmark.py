@@ -14,9 +14,15 @@ An ``image_folder`` config takes its class count from the folder's
 ``train/`` and its shape from ``image_size``, without reading an image.
 
 ``--against`` compiles a second step from the same config with the given
-fields changed (e.g. ``har=False`` or ``dtype=float32``) and times both in the
-same process, alternating step by step, so that the ratio does not depend on
-what else the machine is doing.
+fields changed (e.g. ``har=False``, ``dtype=float32`` or ``mixing=none``) and
+times both in the same process, alternating step by step, so that the ratio
+does not depend on what else the machine is doing.
+
+``--gather`` times ``Steps.train_resident`` instead: the step that gathers its
+batch from a training split kept on the devices (synthetic images of the
+long-tailed class counts, ``--largest_class`` in the largest class), as an
+in-memory run does, so that the samplers' draws (``--against=sampler=instance``)
+and the on-device crop and flip are timed too.
 
 The persistent compilation cache is on (``har_jax.runtime``): ``compile_s`` of
 a step found there is the time to load it (``compile_cache_hit``).
@@ -59,6 +65,12 @@ _NUM_CLASSES = flags.DEFINE_integer(
 _AGAINST = flags.DEFINE_list(
     "against", None, "FIELD=VALUE pairs: also time the config with these fields "
     "changed, interleaved with it, and report the ratio.")
+_GATHER = flags.DEFINE_bool(
+    "gather", False, "Time the step that gathers its batch from a training split on "
+    "the devices (in-memory runs; re-sampling, crop and flip included).")
+_LARGEST_CLASS = flags.DEFINE_integer(
+    "largest_class", timing.LARGEST_CLASS, "Examples in the largest class of the "
+    "long-tailed counts (5000 for CIFAR-LT's training split with --gather).")
 _COMPILE_REPEATS = flags.DEFINE_integer(
     "compile_repeats", 0, "Also compile the step this many times cold and warm, in a "
     "temporary persistent compilation cache, and report the medians.")
@@ -123,23 +135,27 @@ def main(argv):
   config = _CONFIG.value
   image_shape, num_classes = input_spec(config)
   print(f"{config.model} exits {config.exits}, loss {config.loss}, har {config.har}, "
-        f"dtype {config.dtype}, conv_impl {config.conv_impl}, batch {config.batch_size} of {image_shape}, "
+        f"sampler {config.sampler}, mixing {config.mixing}, dtype {config.dtype}, "
+        f"conv_impl {config.conv_impl}, batch {config.batch_size} of {image_shape}, "
         f"{num_classes} classes, {jax.device_count()} {jax.default_backend()} "
-        "device(s)", flush=True)
+        f"device(s){', gathered on the devices' if _GATHER.value else ''}", flush=True)
+  step_options = dict(gather=_GATHER.value, largest_class=_LARGEST_CLASS.value)
   compiled = {"config": timing.compile_train_step(config, image_shape, num_classes,
-                                           name="config")}
+                                                  name="config", **step_options)}
   if _AGAINST.value:
     name = ",".join(_AGAINST.value)
     compiled[name] = timing.compile_train_step(parse_overrides(config, _AGAINST.value),
-                                        image_shape, num_classes, name=name)
+                                               image_shape, num_classes, name=name,
+                                               **step_options)
   seconds = timing.time_interleaved({name: step.run for name, step in compiled.items()},
-                             _STEPS.value, _WARMUP.value)
+                                    _STEPS.value, _WARMUP.value)
   devices = jax.device_count()
   reports = {name: timing.step_report(step, seconds[name], devices)
              for name, step in compiled.items()}
   result = dict(reports["config"], image_shape=list(image_shape),
                 num_classes=num_classes, model=config.model, exits=config.exits,
-                loss=config.loss, har=config.har, dtype=config.dtype,
+                loss=config.loss, har=config.har, sampler=config.sampler,
+                mixing=config.mixing, gather=_GATHER.value, dtype=config.dtype,
                 conv_impl=config.conv_impl, compilation_cache=cache,
                 machine=timing.machine())
   if fresh_cache:

@@ -2,7 +2,8 @@
 
 - Train steps (``benchmark.py``, ``compare_torch.py``, ``gpu_benchmark.py``):
   :func:`compile_train_step` compiles ``har_jax.train.make_steps(...).train``
-  for synthetic batches of a shape; :func:`time_interleaved` times steps in
+  for synthetic batches of a shape (or ``.train_resident`` for a synthetic
+  training split on the devices); :func:`time_interleaved` times steps in
   alternation; :func:`step_report` turns the seconds into rates.
 - Cascaded inference (``early_exit_benchmark.py``, ``gpu_benchmark.py``):
   :func:`time_cascade` times ``early_exit.Cascade`` against the plain backbone.
@@ -34,10 +35,11 @@ from har_jax import runtime
 from har_jax import sharding
 from har_jax import train
 from har_jax.data import long_tail
+from har_jax.data import pipeline
 
-# Bounds the long-tailed class counts that LDAM margins and DRW weights come
-# from; their values change numbers, not the work done.
-_LARGEST_CLASS = 500
+# Examples in the largest of the long-tailed classes. For a step given its
+# batch they set only numbers (LDAM margins, DRW weights), not the work done.
+LARGEST_CLASS = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,33 +72,53 @@ class CompiledStep:
   memory_bytes: int | None   # XLA's estimate: arguments, outputs and temporaries
 
 
-def class_counts(config, num_classes: int) -> tuple[int, ...]:
+def class_counts(config, num_classes: int,
+                 largest_class: int = LARGEST_CLASS) -> tuple[int, ...]:
   """Long-tailed class counts with the config's imbalance factor."""
-  return tuple(long_tail.long_tail_counts(_LARGEST_CLASS, num_classes,
+  return tuple(long_tail.long_tail_counts(largest_class, num_classes,
                                           config.imbalance_factor))
 
 
-def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
-                       ) -> CompiledStep:
-  """Compiles ``train.make_steps(...).train`` for synthetic data of this shape."""
+def synthetic_split(counts, image_shape, seed: int) -> pipeline.InMemoryData:
+  """An ``InMemoryData`` of random uint8 images with these class counts."""
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+  split = pipeline.ArrayDataset(
+      images=rng.integers(0, 256, (len(labels), *image_shape), np.uint8), labels=labels)
+  channels = image_shape[-1]
+  return pipeline.InMemoryData(train=split, validation=None, test=split,
+                               num_classes=len(counts), mean=(0.5,) * channels,
+                               std=(0.25,) * channels)
+
+
+def compile_train_step(config, image_shape, num_classes, *, name: str = "step",
+                       gather: bool = False,
+                       largest_class: int = LARGEST_CLASS) -> CompiledStep:
+  """Compiles ``train.make_steps(...).train`` for synthetic data of this shape
+  (with ``gather``, ``.train_resident`` and a synthetic training split of
+  :func:`class_counts`, as an in-memory run gathers, re-samples and augments)."""
   mesh = sharding.create_mesh()
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
 
-  counts = class_counts(config, num_classes)
+  counts = class_counts(config, num_classes, largest_class)
   channels = image_shape[-1]
-  statistics_ = SyntheticStatistics(counts, num_classes, (0.5,) * channels,
-                                    (0.25,) * channels)
+  if gather:
+    data = synthetic_split(counts, image_shape, config.seed)
+  else:
+    data = SyntheticStatistics(counts, num_classes, (0.5,) * channels, (0.25,) * channels)
   steps_per_epoch = max(sum(counts) // config.batch_size, 1)
   model = config_lib.create_model(config, num_classes)
   schedule = train.learning_rate_fn(config, steps_per_epoch, 10 * steps_per_epoch)
   tx = train.create_optimizer(config, schedule)
-  steps = train.make_steps(config, model, tx, statistics_, mesh, steps_per_epoch,
-                           schedule)
+  steps = train.make_steps(config, model, tx, data, mesh, steps_per_epoch, schedule)
   state = train.create_train_state(config, model, tx, image_shape, mesh)
-  rng = np.random.default_rng(config.seed)
-  batch = sharding.global_batch(
-      {"images": rng.integers(0, 256, (config.batch_size, *image_shape), np.uint8),
-       "labels": rng.integers(0, num_classes, (config.batch_size,), np.int32)}, mesh)
+  if gather:
+    step, batch = steps.train_resident, train.resident_training_split(data, config, mesh)
+  else:
+    rng = np.random.default_rng(config.seed)
+    step, batch = steps.train, sharding.global_batch(
+        {"images": rng.integers(0, 256, (config.batch_size, *image_shape), np.uint8),
+         "labels": rng.integers(0, num_classes, (config.batch_size,), np.int32)}, mesh)
 
   # Lowered from shapes: the step donates the state, so the arrays go.
   abstract = jax.tree.map(
@@ -106,7 +128,7 @@ def compile_train_step(config, image_shape, num_classes, *, name: str = "step"
     """(executable, seconds, whether it came from the persistent cache or None)."""
     loaded = runtime.compilation_cache_events()["loaded"]
     start = time.perf_counter()
-    executable = steps.train.lower(*abstract).compile()
+    executable = step.lower(*abstract).compile()
     seconds = time.perf_counter() - start
     hit = (runtime.compilation_cache_events()["loaded"] > loaded
            if runtime.compilation_cache_dir() else None)

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 
 from har_jax import cpu_conv
+from har_jax import mixing
 from har_jax import models
+from har_jax.data import sampling
 from har_jax.data import specs as data_specs
 
 if TYPE_CHECKING:
@@ -26,7 +28,7 @@ DATASETS = (*data_specs.DATASET_SPECS, "image_folder")
 # Kept on the devices whole; the others stream from tfds (har_jax.data.streaming),
 # and image_folder does either, by the size of its training split.
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
-LOSSES = ("ce", "focal", "ldam")
+LOSSES = ("ce", "focal", "ldam", "cdt", "logit_adjusted")
 HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
@@ -99,6 +101,18 @@ def base_config() -> ml_collections.ConfigDict:
                                     # (streaming sets: random-resized crop and flip)
   config.shot_many = 100            # many-shot: more than this many train images
   config.shot_few = 20              # few-shot: fewer than this many
+  config.sampler = "instance"       # instance | class_balanced | square_root |
+                                    # progressive | effective_number (data/sampling.py)
+  config.sampler_start_epoch = -1   # deferred re-sampling from this epoch (instance
+                                    # before it); negative: from the start
+  # Mixing (har_jax/mixing.py).
+  config.mixing = "none"            # none | mixup | manifold | mfw
+  config.mixup_alpha = 1.0          # mixup / manifold mixup: lam ~ Beta(alpha, alpha)
+  config.mixing_stages = (0, 1, 2)  # manifold / mfw: boundaries drawn from per batch,
+                                    # 0 the input, k after stage k
+  config.mfw_max_probability = 0.5  # mfw: P(weakened) of the largest class ...
+  config.mfw_power = 1.0            # ... times (n_j / n_max)^power for class j
+  config.mfw_strength = 0.5         # mfw: partner share ~ U[0, strength], <= 1/2
   # Model.
   config.model = "resnet32"
   config.exits = "CBEBEBE"          # C stem, B stage, E exit (the paper's notation)
@@ -108,15 +122,18 @@ def base_config() -> ml_collections.ConfigDict:
                                     # CPU device run on har_jax's kernels (auto: when
                                     # they build), else on XLA's (har_jax/cpu_conv.py)
   # Loss.
-  config.loss = "ce"                # ce | focal | ldam
+  config.loss = "ce"                # ce | focal | ldam | cdt | logit_adjusted
   config.focal_gamma = 1.0
   config.ldam_max_margin = 0.5
   config.ldam_scale = 30.0
+  config.cdt_gamma = 0.2            # CDT temperatures (n_max / n_j)^gamma
+  config.logit_adjust_tau = 1.0     # logit-adjusted loss ce(z + tau log pi); 1: balanced softmax
   config.har = True                 # False: every exit trains on every example
   config.har_threshold = 0.9        # training exit confidence
   config.exit_threshold = -1.0      # inference exit confidence; < 0: har_threshold
   config.drw_start_epoch = 160      # negative: no deferred re-weighting
-  config.drw_beta = 0.9999          # class-balanced "effective number" beta
+  config.drw_beta = 0.9999          # "effective number" beta of the DRW weights and
+                                    # of the effective_number sampler
   # Optimisation.
   config.num_epochs = 200
   config.num_train_steps = -1       # > 0 overrides num_epochs
@@ -191,6 +208,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     raise ConfigError(f"conv_impl 'native' computes in float32, not {config.dtype}; "
                       "use conv_impl 'auto' (native where it can) or 'xla'.")
   _one_of("schedule", config.schedule, SCHEDULES)
+  _one_of("sampler", config.sampler, sampling.SAMPLERS)
+  _one_of("mixing", config.mixing, mixing.MIXINGS)
   if not config.imbalance_factor >= 1:
     raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "
                       f"smallest), got {config.imbalance_factor}.")
@@ -201,10 +220,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                       f"{error}") from None
   if (config.loss == "ldam") != (resolved_head(config) == "normed"):
     raise ConfigError("loss 'ldam' goes with the cosine head 'normed', whose "
-                      "logits it scales by ldam_scale, and 'ce'/'focal' with 'linear'; "
-                      "use head 'auto' to pair them.")
-  if config.focal_gamma < 0:
-    raise ConfigError(f"focal_gamma must be >= 0, got {config.focal_gamma}.")
+                      "logits it scales by ldam_scale, and the other losses with "
+                      "'linear'; use head 'auto' to pair them.")
+  for name in ("focal_gamma", "cdt_gamma"):
+    if config[name] < 0:
+      raise ConfigError(f"{name} must be >= 0, got {config[name]}.")
   for name in ("batch_size", "eval_batch_size"):
     size = config[name]
     if size <= 0 or size % num_devices:
@@ -223,6 +243,23 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.exit_threshold > 1.0:
     raise ConfigError(f"exit_threshold is a softmax probability in [0, 1] (or "
                       f"negative for har_threshold), got {config.exit_threshold}.")
+  if not config.mixup_alpha > 0:
+    raise ConfigError(f"mixup_alpha must be > 0 (lam ~ Beta(alpha, alpha)), got "
+                      f"{config.mixup_alpha}.")
+  boundaries = create_model(config, num_classes=2).mixing_boundaries
+  stages = tuple(config.mixing_stages)
+  if not stages or any(stage not in boundaries for stage in stages):
+    raise ConfigError(f"mixing_stages must be a non-empty subset of {list(boundaries)} "
+                      f"(0 the input, k after stage k of {config.model}), got "
+                      f"{list(stages)}.")
+  if not 0.0 <= config.mfw_max_probability <= 1.0:
+    raise ConfigError(f"mfw_max_probability is a probability in [0, 1], got "
+                      f"{config.mfw_max_probability}.")
+  if config.mfw_power < 0:
+    raise ConfigError(f"mfw_power must be >= 0, got {config.mfw_power}.")
+  if not 0.0 < config.mfw_strength <= 0.5:
+    raise ConfigError(f"mfw_strength must be in (0, 0.5] (a weakened example keeps "
+                      f"the larger share of its features), got {config.mfw_strength}.")
   if config.shot_few > config.shot_many:
     raise ConfigError(f"shot_few ({config.shot_few}) must not exceed shot_many "
                       f"({config.shot_many}).")

@@ -1,4 +1,9 @@
-"""Losses of HAR / ELF: per-example base losses, class weights, exit masks, har_loss.
+"""Losses of HAR / ELF: per-example base losses, class weights, exit masks, har_loss
+and its mixed-target form, mixed_har_loss.
+
+The base losses are cross-entropy, focal, LDAM, CDT and the logit-adjusted
+loss; each is ``(logits [..., C], labels [...], **parameters) -> [...]`` and
+combines with HAR through ``har_loss(..., loss_fn=partial(base, ...))``.
 
 Every function is a pure function of arrays that works under ``jax.jit``,
 ``jax.grad`` and ``jax.vmap``. Shapes use E exits (shallow to deep, the last one
@@ -79,16 +84,77 @@ def ldam(logits: Array, labels: Array, *, margins: ArrayLike,
   Returns:
     ``[...]`` float32 loss of each example.
   """
-  margins = jnp.asarray(margins, dtype=jnp.float32)
-  num_classes = logits.shape[-1]
-  if margins.shape != (num_classes,):
-    raise ValueError(
-        f"ldam: margins must have shape [C] = ({num_classes},) to match the "
-        f"logits {logits.shape}; got {margins.shape}.")
+  margins = _class_vector(margins, logits, "ldam", "margins")
   logits = _at_least_float32(logits)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
   shifted = logits - margins[labels][..., None] * onehot
   return cross_entropy(scale * shifted, labels)
+
+
+def cdt(logits: Array, labels: Array, *, temperatures: ArrayLike) -> Array:
+  """Class-dependent temperatures loss per example (Ye et al. 2020).
+
+  ``ce(logits / temperatures, label)``: class j's logit is divided by its
+  temperature ``a_j`` (:func:`cdt_temperatures`), so the rare classes, whose
+  logits are divided least, must reach larger decision values in training.
+  Training only: inference, the HAR exit masks (:func:`exit_masks` on the
+  logits the model returns) and early exit all use the raw logits.
+
+  Args:
+    logits: ``[..., C]`` raw scores of a linear head.
+    labels: ``[...]`` integer class indices.
+    temperatures: ``[C]`` positive per-class temperatures (may be traced).
+
+  Returns:
+    ``[...]`` float32 loss of each example.
+  """
+  temperatures = _class_vector(temperatures, logits, "cdt", "temperatures")
+  return cross_entropy(_at_least_float32(logits) / temperatures, labels)
+
+
+def cdt_temperatures(class_counts: ArrayLike, gamma: float) -> Array:
+  """CDT temperatures ``a_j = (n_max / n_j)**gamma``: 1 for the largest class.
+
+  Args:
+    class_counts: ``[C]`` number of training examples of each class (host values).
+    gamma: ``>= 0``; 0 gives ones (plain cross-entropy). 0.2 on CIFAR-LT x100.
+
+  Returns:
+    ``[C]`` float32 temperatures, at least 1.
+  """
+  counts = _positive_counts(class_counts, "cdt_temperatures")
+  if gamma < 0:
+    raise ValueError(f"cdt_temperatures: gamma must be >= 0, got {gamma}.")
+  return jnp.asarray((counts.max() / counts) ** gamma, dtype=jnp.float32)
+
+
+def logit_adjusted(logits: Array, labels: Array, *, log_prior: ArrayLike,
+                   tau: ArrayLike = 1.0) -> Array:
+  """Logit-adjusted loss per example (Menon et al. 2021).
+
+  ``ce(logits + tau * log_prior, label)`` with ``log_prior_j = log pi_j``
+  (:func:`log_prior`): the frequent classes get a head start in training, so
+  the raw logits learn the balanced posterior. With ``tau = 1`` this is the
+  balanced softmax (Ren et al. 2020); ``tau = 0`` is cross-entropy. Training
+  only: inference, the HAR exit masks and early exit use the raw logits.
+
+  Args:
+    logits: ``[..., C]`` raw scores of a linear head.
+    labels: ``[...]`` integer class indices.
+    log_prior: ``[C]`` log class priors (may be traced).
+    tau: scalar scale of the adjustment (may be traced).
+
+  Returns:
+    ``[...]`` float32 loss of each example.
+  """
+  log_prior = _class_vector(log_prior, logits, "logit_adjusted", "log_prior")
+  return cross_entropy(_at_least_float32(logits) + tau * log_prior, labels)
+
+
+def log_prior(class_counts: ArrayLike) -> Array:
+  """``[C]`` float32 ``log(n_j / N)``, the log of each class's training share."""
+  counts = _positive_counts(class_counts, "log_prior")
+  return jnp.asarray(np.log(counts / counts.sum()), dtype=jnp.float32)
 
 
 def ldam_margins(class_counts: ArrayLike, max_margin: float = 0.5) -> Array:
@@ -139,9 +205,14 @@ def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
   A threshold of 1 or more never qualifies, which gives every example every
   exit (plain deep supervision).
 
+  The criterion reads the raw logits the model returns, whatever the training
+  loss does to them (CDT's temperatures, logit adjustment): the confidence a
+  training exit is judged by is the one early-exit inference uses.
+
   Args:
     exit_logits: ``[E, B, C]`` logits of every exit, shallow to deep.
-    labels: ``[B]`` integer class indices.
+    labels: ``[B]`` integer class indices, or ``[E, B]`` for a label per exit
+      (a mixed example judged by its dominant label at the mixed exits).
     threshold: scalar confidence threshold ``t`` (may be traced).
     logit_scale: scalar ``s`` applied before the softmax: 1 for CE and focal,
       the LDAM scale for cosine heads. No margin is applied.
@@ -151,13 +222,14 @@ def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
     ``masks[i, b] = 1`` iff ``i <= exit_index[b]``, and ``exit_index`` ``[B]``
     int32. Neither carries a gradient.
   """
-  _check_exit_inputs(exit_logits, labels)
+  _check_exit_inputs(exit_logits, labels, per_exit_labels=True)
   num_exits = exit_logits.shape[0]
   logits = jax.lax.stop_gradient(_at_least_float32(exit_logits))
   log_probs = jax.nn.log_softmax(logit_scale * logits, axis=-1)
-  label_index = jnp.broadcast_to(labels, logits.shape[:2])[..., None]
-  confidence = jnp.exp(jnp.take_along_axis(log_probs, label_index, axis=-1)[..., 0])
-  correct = jnp.argmax(logits, axis=-1) == labels[None, :]
+  label_index = jnp.broadcast_to(labels, logits.shape[:2])
+  confidence = jnp.exp(
+      jnp.take_along_axis(log_probs, label_index[..., None], axis=-1)[..., 0])
+  correct = jnp.argmax(logits, axis=-1) == label_index
   qualifies = correct & (confidence > threshold)
   # The last exit always takes whoever is left.
   qualifies = qualifies.at[-1].set(True)
@@ -187,7 +259,9 @@ def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
     threshold: scalar exit confidence threshold (may be traced); ``>= 1``
       turns HAR off (every exit trains on every example).
     loss_fn: per-example base loss ``(logits [B, C], labels [B]) -> [B]``,
-      e.g. ``functools.partial(ldam, margins=m)``.
+      e.g. ``functools.partial(ldam, margins=m)``. What it does to the logits
+      (CDT's temperatures, logit adjustment) stays in the loss: the masks
+      judge the raw ``exit_logits``, as early-exit inference does.
     class_weights: optional ``[C]`` per-class weights (may be traced, e.g. the
       DRW weights switched on by the step).
     where: optional ``[B]`` validity mask (bool or 0/1) for padded examples.
@@ -200,11 +274,78 @@ def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
   masks, _ = exit_masks(exit_logits, labels, threshold=threshold,
                         logit_scale=logit_scale)
   per_exit_loss = jax.vmap(loss_fn, in_axes=(0, None))(exit_logits, labels)  # [E, B]
-  example_weight = jnp.ones(labels.shape, jnp.float32)
+  return _masked_weighted_mean(per_exit_loss, masks,
+                               _example_weights(labels, class_weights, where))
+
+
+def dominant_labels(labels: Array, partner_labels: Array, label_weights: Array) -> Array:
+  """The label a mixed example is judged by: ``labels`` where its weight
+  ``label_weights`` is at least 1/2, else ``partner_labels`` (same shape as
+  ``label_weights``, e.g. ``[E, B]``)."""
+  return jnp.where(jnp.asarray(label_weights) >= 0.5, labels, partner_labels)
+
+
+def mixed_har_loss(exit_logits: Array, labels: Array, partner_labels: Array,
+                   label_weights: ArrayLike, *, threshold: ArrayLike,
+                   loss_fn: LossFn = cross_entropy,
+                   class_weights: Optional[ArrayLike] = None,
+                   logit_scale: ArrayLike = 1.0) -> Array:
+  """:func:`har_loss` of mixed examples (mixup, manifold mixup).
+
+  Example b's target at exit i is ``y[b]`` with weight ``lam[i, b]`` and
+  ``y'[b]`` (``partner_labels``) with ``1 - lam[i, b]``:
+
+  ``L = sum_i [sum_b m w[y] lam l(z, y) / sum_b w[y]
+             + sum_b m w[y'] (1 - lam) l(z, y') / sum_b w[y']]``
+
+  with one set of masks ``m``, from :func:`exit_masks` with each exit's
+  dominant label (:func:`dominant_labels`). With the masks fixed this is the
+  ``lam``-combination of two HAR losses, as mixup's loss is of two plain ones;
+  with ``lam = 1`` it is :func:`har_loss`. The exit criterion, like
+  :func:`har_loss`'s, uses the raw logits.
+
+  Args:
+    exit_logits: ``[E, B, C]`` logits of every exit, shallow to deep.
+    labels: ``[B]`` each example's own label.
+    partner_labels: ``[B]`` the label of the example it was mixed with.
+    label_weights: ``[E, B]`` (or broadcastable, e.g. a scalar) weight of
+      ``labels`` in each exit's target, in ``[0, 1]``; 1 at exits that saw
+      clean features.
+    threshold, loss_fn, class_weights, logit_scale: as in :func:`har_loss`.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  _check_exit_inputs(exit_logits, labels, class_weights=class_weights)
+  _check_exit_inputs(exit_logits, partner_labels)
+  own_weight = jnp.broadcast_to(jnp.asarray(label_weights, jnp.float32),
+                                jnp.shape(exit_logits)[:2])
+  masks, _ = exit_masks(exit_logits, dominant_labels(labels, partner_labels, own_weight),
+                        threshold=threshold, logit_scale=logit_scale)
+  loss = 0.0
+  for targets, weight in ((labels, own_weight), (partner_labels, 1.0 - own_weight)):
+    per_exit_loss = jax.vmap(loss_fn, in_axes=(0, None))(exit_logits, targets)
+    # where: a target of weight 0 with an infinite loss contributes 0, not NaN.
+    weighted = jnp.where(weight > 0, weight * per_exit_loss, 0.0)
+    loss = loss + _masked_weighted_mean(weighted, masks,
+                                        _example_weights(targets, class_weights, None))
+  return loss
+
+
+def _example_weights(labels: Array, class_weights: Optional[ArrayLike],
+                     where: Optional[Array]) -> Array:
+  """``[B]`` float32 ``v[b] w[y[b]]`` (ones where either is None)."""
+  example_weight = jnp.ones(jnp.shape(labels), jnp.float32)
   if class_weights is not None:
     example_weight = jnp.asarray(class_weights, jnp.float32)[labels]
   if where is not None:
     example_weight = example_weight * jnp.asarray(where, jnp.float32)
+  return example_weight
+
+
+def _masked_weighted_mean(per_exit_loss: Array, masks: Array,
+                          example_weight: Array) -> Array:
+  """``sum_b v w sum_i m l / sum_b v w`` (0 with no weight): har_loss's reduction."""
   # where, not a product: a masked-off exit or padded row with an infinite
   # loss must contribute 0, not 0 * inf = NaN.
   per_example = jnp.sum(jnp.where(masks > 0, per_exit_loss, 0.0), axis=0)
@@ -218,6 +359,16 @@ def _at_least_float32(x: Array) -> Array:
   # Softmax of bfloat16 logits loses the small probabilities the loss depends on.
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _class_vector(values: ArrayLike, logits: Array, caller: str, name: str) -> Array:
+  values = jnp.asarray(values, dtype=jnp.float32)
+  num_classes = jnp.shape(logits)[-1]
+  if values.shape != (num_classes,):
+    raise ValueError(
+        f"{caller}: {name} must have shape [C] = ({num_classes},) to match the "
+        f"logits {jnp.shape(logits)}; got {values.shape}.")
+  return values
 
 
 def _positive_counts(class_counts: ArrayLike, caller: str) -> np.ndarray:
@@ -243,7 +394,8 @@ def _check_labels_match(logits: Array, labels: Array) -> None:
 
 def _check_exit_inputs(exit_logits: Array, labels: Array, *,
                        class_weights: Optional[ArrayLike] = None,
-                       where: Optional[Array] = None) -> None:
+                       where: Optional[Array] = None,
+                       per_exit_labels: bool = False) -> None:
   shape = jnp.shape(exit_logits)
   if len(shape) != 3:
     raise ValueError(
@@ -253,8 +405,10 @@ def _check_exit_inputs(exit_logits: Array, labels: Array, *,
   if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
     raise ValueError(f"labels must be integer class indices, got dtype "
                      f"{jnp.asarray(labels).dtype}.")
-  if jnp.shape(labels) != (batch,):
-    raise ValueError(f"labels must have shape [B] = ({batch},) to match "
+  if jnp.shape(labels) != (batch,) and not (per_exit_labels
+                                            and jnp.shape(labels) == shape[:2]):
+    allowed = f" or [E, B] = {shape[:2]}" if per_exit_labels else ""
+    raise ValueError(f"labels must have shape [B] = ({batch},){allowed} to match "
                      f"exit_logits {shape}; got {jnp.shape(labels)}.")
   if class_weights is not None and jnp.shape(class_weights) != (num_classes,):
     raise ValueError(f"class_weights must have shape [C] = ({num_classes},) to "

@@ -1,9 +1,12 @@
 """Train state, the jitted train and eval steps, and the training loop.
 
 The steps are pure ``(state, batch) -> (state, metrics)`` functions compiled once
-per run: the learning rate, the DRW class weights and the augmentation key are
-all derived from ``state.step`` inside the step. The state is replicated over a
-one-axis mesh and the batch is split over it; the state is donated.
+per run: the learning rate, the DRW class weights, the re-sampled examples, the
+augmentation and the mixing draws are all derived from ``state.step`` inside the
+step. The train step is composed of pieces chosen once from the config
+(:class:`StepPieces`: gather -> augment -> mix -> forward -> loss -> update). The
+state is replicated over a one-axis mesh and the batch is split over it; the
+state is donated.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from har_jax import cpu_conv
 from har_jax import early_exit
 from har_jax import losses
 from har_jax import metrics as metrics_lib
+from har_jax import mixing as mixing_lib
 from har_jax import models
 from har_jax import runtime
 from har_jax import sharding
@@ -37,12 +41,15 @@ from har_jax.data import augment
 from har_jax.data import digits
 from har_jax.data import long_tail
 from har_jax.data import pipeline
+from har_jax.data import sampling
 
 if TYPE_CHECKING:  # the annotations; the train step runs without ml_collections
   import ml_collections
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15).
 PREEMPTED_EXIT_CODE = 143
+# Folded into a step's key for the draws of mixing.
+_MIXING_STREAM = 1
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -121,6 +128,12 @@ def base_loss_fn(config: ml_collections.ConfigDict, class_counts) -> losses.Loss
   if config.loss == "ldam":
     margins = losses.ldam_margins(class_counts, config.ldam_max_margin)
     return functools.partial(losses.ldam, margins=margins, scale=config.ldam_scale)
+  if config.loss == "cdt":
+    return functools.partial(
+        losses.cdt, temperatures=losses.cdt_temperatures(class_counts, config.cdt_gamma))
+  if config.loss == "logit_adjusted":
+    return functools.partial(losses.logit_adjusted, log_prior=losses.log_prior(class_counts),
+                             tau=config.logit_adjust_tau)
   return losses.cross_entropy
 
 
@@ -155,6 +168,235 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
   return jax.jit(init, out_shardings=out_shardings)(seed)
 
 
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The run's length in steps: ``num_train_steps`` when positive, else the epochs'."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return config.num_epochs * steps_per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPieces:
+  """The methods a train step is made of, each chosen once when the step is built.
+
+  The step reads ``gather -> augment -> mix -> forward -> loss -> update``;
+  every piece is a pure function of arrays, and everything that changes during
+  a run (the step, the key, what mixing draws) is an argument, so the step
+  compiles once whichever methods the pieces are. :func:`step_pieces` chooses
+  them from a config; another stage may replace one with ``dataclasses.replace``.
+  """
+
+  # (images [B, H, W, C] uint8 or float, key) -> normalised float32 images.
+  augment: Callable[[jax.Array, jax.Array], jax.Array]
+  # (key, labels [B]) -> how the batch is mixed (a mixing.Mixing), or None.
+  mix: mixing_lib.MixFn
+  # (params, batch_stats, images, mixing) -> (exit logits [E, B, C], new batch_stats).
+  forward: Callable[[Any, Any, jax.Array, Optional[mixing_lib.Mixing]],
+                    tuple[jax.Array, Any]]
+  # (exit logits [E, B, C], labels [B], mixing, step) -> (scalar loss, exit index [B]).
+  loss: Callable[[jax.Array, jax.Array, Optional[mixing_lib.Mixing], jax.Array],
+                 tuple[jax.Array, jax.Array]]
+  # (resident training split, step) -> {'images', 'labels'} of global batch
+  # ``step``; None when the data streams from the host.
+  gather: Optional[Callable[[dict, jax.Array], dict]] = None
+
+
+def make_augment(config: ml_collections.ConfigDict, data: Any) -> Callable:
+  """In-memory sets: crop and flip on the device, then normalise; streaming
+  sets (cropped and flipped on the host): normalise only."""
+  mean, std = data.mean, data.std
+  if not isinstance(data, pipeline.InMemoryData):
+    return lambda images, key: augment.normalize(images, mean, std)
+
+  def crop_flip_normalize(images, key):
+    # Pad with black before normalising, as torchvision's RandomCrop does.
+    images = augment.random_crop_flip(images.astype(jnp.float32), key,
+                                      pad=config.augment_pad, flip=config.augment_flip)
+    return augment.normalize(images, mean, std)
+  return crop_flip_normalize
+
+
+def make_resampling(config: ml_collections.ConfigDict, class_counts,
+                    steps_per_epoch: int) -> Optional[sampling.Resampling]:
+  """The config's re-sampling, or None for instance sampling from the start
+  (the in-memory epoch permutation, the streaming shuffle)."""
+  if config.sampler == "instance":
+    return None
+  return sampling.Resampling(
+      config.sampler, tuple(class_counts), steps_per_epoch,
+      total_train_steps(config, steps_per_epoch), start_epoch=config.sampler_start_epoch,
+      beta=config.drw_beta)
+
+
+def make_gather(config: ml_collections.ConfigDict, data: pipeline.InMemoryData,
+                steps_per_epoch: int) -> Callable[[dict, jax.Array], dict]:
+  """``(resident, step) -> batch``: global batch ``step`` gathered from the
+  training split on the devices (:func:`resident_training_split`), its
+  examples a function of the data seed and the step alone."""
+  resampling = make_resampling(config, data.class_counts, steps_per_epoch)
+  if resampling is None:
+    num_train = data.num_train
+
+    def indices_at(resident, step):
+      # The epoch's permutation is redrawn every step so that the step stays a
+      # function of state.step alone: 14 ms on 2 CPU cores for CIFAR-10-LT's
+      # 12,406 images, under 1% of that step.
+      return pipeline.train_indices(num_train, step=step,
+                                    global_batch_size=config.batch_size,
+                                    seed=resident["seed"])
+  else:
+    def indices_at(resident, step):
+      return resampling.train_indices(resident["class_order"], step=step,
+                                      seed=resident["seed"],
+                                      global_batch_size=config.batch_size)
+
+  def gather(resident, step):
+    indices = indices_at(resident, step)
+    return {"images": resident["images"][indices], "labels": resident["labels"][indices]}
+  return gather
+
+
+def make_mix(config: ml_collections.ConfigDict, class_counts) -> mixing_lib.MixFn:
+  """``(key, labels) -> Mixing``: the config's mixing method (None for none)."""
+  return mixing_lib.mixing_fn(
+      config.mixing, alpha=config.mixup_alpha, boundaries=tuple(config.mixing_stages),
+      class_counts=class_counts, mfw_max_probability=config.mfw_max_probability,
+      mfw_power=config.mfw_power, mfw_strength=config.mfw_strength)
+
+
+def make_forward(model: models.ResNet) -> Callable:
+  """The training forward pass: batch statistics from the batch, updated; the
+  features mixed at the boundary the mixing drew."""
+  def forward(params, batch_stats, images, mixing):
+    exit_logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                                       images, train=True, mix=mixing,
+                                       mutable=["batch_stats"])
+    return exit_logits, updates["batch_stats"]
+  return forward
+
+
+def make_loss(config: ml_collections.ConfigDict, class_counts, steps_per_epoch: int,
+              exit_positions: tuple[int, ...]) -> Callable:
+  """``(exit_logits, labels, mixing, step) -> (loss, exit_index)``: HAR over the
+  base loss of the config, with the DRW weights from their epoch on; with
+  mixup or manifold mixup, over the mixed targets (``losses.mixed_har_loss``:
+  each exit judged by the dominant label, the exits before the mixing
+  boundary by the clean one). MFW keeps every label: the plain loss."""
+  base = base_loss_fn(config, class_counts)
+  scale = config_lib.logit_scale(config)
+  # A threshold of 1 never qualifies an exit: every exit trains on everything.
+  threshold = config.har_threshold if config.har else 1.0
+  class_weights_at = make_drw_weights(config, class_counts, steps_per_epoch)
+
+  def plain(exit_logits, labels, mixing, step):
+    del mixing  # none, or MFW's, which keeps the labels
+    value = losses.har_loss(exit_logits, labels, threshold=threshold, loss_fn=base,
+                            class_weights=class_weights_at(step), logit_scale=scale)
+    _, exit_index = losses.exit_masks(exit_logits, labels, threshold=threshold,
+                                      logit_scale=scale)
+    return value, exit_index
+
+  def mixed(exit_logits, labels, mixing, step):
+    partner_labels = labels[mixing.partners]
+    label_weights = mixing.exit_label_weights(exit_positions)
+    value = losses.mixed_har_loss(exit_logits, labels, partner_labels, label_weights,
+                                  threshold=threshold, loss_fn=base,
+                                  class_weights=class_weights_at(step), logit_scale=scale)
+    _, exit_index = losses.exit_masks(
+        exit_logits, losses.dominant_labels(labels, partner_labels, label_weights),
+        threshold=threshold, logit_scale=scale)
+    return value, exit_index
+  return mixed if config.mixing in mixing_lib.LABEL_MIXINGS else plain
+
+
+def make_drw_weights(config: ml_collections.ConfigDict, class_counts,
+                     steps_per_epoch: int) -> Callable[[jax.Array], Optional[jax.Array]]:
+  """``step -> [C]`` class weights: ones before ``drw_start_epoch``, the
+  class-balanced ones from it on (a traced switch); None without DRW."""
+  if config.drw_start_epoch < 0:
+    return lambda step: None
+  drw_weights = losses.class_balanced_weights(class_counts, config.drw_beta)
+
+  def class_weights_at(step):
+    deferred = step // steps_per_epoch >= config.drw_start_epoch
+    return jnp.where(deferred, drw_weights, jnp.ones_like(drw_weights))
+  return class_weights_at
+
+
+def step_pieces(config: ml_collections.ConfigDict, model: models.ResNet, data: Any,
+                steps_per_epoch: int) -> StepPieces:
+  """The pieces of the config's train step (see :class:`StepPieces`)."""
+  in_memory = isinstance(data, pipeline.InMemoryData)
+  return StepPieces(
+      augment=make_augment(config, data),
+      mix=make_mix(config, data.class_counts),
+      forward=make_forward(model),
+      loss=make_loss(config, data.class_counts, steps_per_epoch, model.exit_positions),
+      gather=make_gather(config, data, steps_per_epoch) if in_memory else None)
+
+
+def make_train_step(pieces: StepPieces, tx: optax.GradientTransformation,
+                    schedule: Callable[[jax.Array], jax.Array]) -> Callable:
+  """``(state, batch) -> (state, TrainMetrics)``: one update from the pieces."""
+  def train_step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(state.key, state.step)
+    images = pieces.augment(batch["images"], key)
+    labels = batch["labels"]
+    # Its own stream: the augmentation draws stay those of a run without mixing.
+    mixing = pieces.mix(jax.random.fold_in(key, _MIXING_STREAM), labels)
+
+    def objective(params):
+      exit_logits, batch_stats = pieces.forward(params, state.batch_stats, images, mixing)
+      loss, exit_index = pieces.loss(exit_logits, labels, mixing, state.step)
+      return loss, (exit_logits, exit_index, batch_stats)
+
+    (loss, (exit_logits, exit_index, batch_stats)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params)
+    new_state = apply_gradients(tx, state, grads, batch_stats)
+    # The loss is of the parameters before the update; the loop must also know
+    # whether the state it may checkpoint next is finite.
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves(new_state.params):
+      finite &= jnp.all(jnp.isfinite(leaf))
+    step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
+        loss=loss, finite=finite.astype(jnp.float32), learning_rate=schedule(state.step),
+        exit_onehot=jax.nn.one_hot(exit_index, exit_logits.shape[0]),
+        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T)
+    return new_state, step_metrics
+  return train_step
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Any,
+                    batch_stats: Any) -> TrainState:
+  """The state after one optimiser update, with the new batch statistics."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1,
+                       params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: models.ResNet,
+                 data: Any) -> Callable:
+  """``(state, batch) -> EvalMetrics``: early-exit inference on the raw logits."""
+  mean, std, num_classes = data.mean, data.std, data.num_classes
+  scale = config_lib.logit_scale(config)
+  exit_threshold = config_lib.inference_threshold(config)
+
+  def eval_step(state: TrainState, batch: dict):
+    images = augment.normalize(batch["images"], mean, std)
+    exit_logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              images, train=False)
+    labels, mask = batch["labels"], batch["mask"]
+    predictions, exit_index = early_exit.predict(
+        exit_logits, threshold=exit_threshold, logit_scale=scale)
+    return metrics_lib.EvalMetrics.single_from_model_output(
+        correct=predictions == labels, mask=mask,
+        labels_onehot=jax.nn.one_hot(labels, num_classes),
+        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T,
+        exit_onehot=jax.nn.one_hot(exit_index, exit_logits.shape[0]))
+  return eval_step
+
+
 def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
                tx: optax.GradientTransformation, data: Any,
                mesh: jax.sharding.Mesh, steps_per_epoch: int,
@@ -168,109 +410,39 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
       statistics are used here.
     schedule: the learning-rate function ``tx`` uses; the step reports it.
   """
-  class_counts = data.class_counts
-  num_classes = data.num_classes
-  loss_fn = base_loss_fn(config, class_counts)
-  scale = config_lib.logit_scale(config)
-  # A threshold of 1 never qualifies an exit: every exit trains on everything.
-  har_threshold = config.har_threshold if config.har else 1.0
-  exit_threshold = config_lib.inference_threshold(config)
-  drw_weights = losses.class_balanced_weights(class_counts, config.drw_beta)
-  mean, std = data.mean, data.std
-  in_memory = isinstance(data, pipeline.InMemoryData)
-  traces = []
   try:
     native = cpu_conv.resolve(config.conv_impl, list(mesh.devices.flat), config.dtype)
   except ValueError as error:
     raise config_lib.ConfigError(str(error)) from None
-
-  def class_weights_at(step):
-    if config.drw_start_epoch < 0:
-      return None
-    deferred = step // steps_per_epoch >= config.drw_start_epoch
-    return jnp.where(deferred, drw_weights, jnp.ones_like(drw_weights))
+  pieces = step_pieces(config, model, data, steps_per_epoch)
+  step = make_train_step(pieces, tx, schedule)
+  traces = []
 
   def train_step(state: TrainState, batch: dict):
     traces.append(None)  # runs only while tracing
     with cpu_conv.native_convolutions(native):
-      return _train_step(state, batch)
+      return step(state, batch)
 
-  def _train_step(state: TrainState, batch: dict):
-    images = batch["images"].astype(jnp.float32)
-    if in_memory:
-      key = jax.random.fold_in(state.key, state.step)
-      # Pad with black before normalising, as torchvision's RandomCrop does.
-      images = augment.random_crop_flip(images, key, pad=config.augment_pad,
-                                        flip=config.augment_flip)
-    images = augment.normalize(images, mean, std)
-    labels = batch["labels"]
+  eval_step = make_eval_step(config, model, data)
 
-    def objective(params):
-      exit_logits, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          mutable=["batch_stats"])
-      loss = losses.har_loss(exit_logits, labels, threshold=har_threshold,
-                             loss_fn=loss_fn, class_weights=class_weights_at(state.step),
-                             logit_scale=scale)
-      return loss, (exit_logits, updates["batch_stats"])
-
-    (loss, (exit_logits, batch_stats)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
-    # The loss is of the parameters before the update; the loop must also know
-    # whether the state it may checkpoint next is finite.
-    finite = jnp.isfinite(loss)
-    for leaf in jax.tree.leaves(params):
-      finite &= jnp.all(jnp.isfinite(leaf))
-    _, exit_index = losses.exit_masks(exit_logits, labels, threshold=har_threshold,
-                                      logit_scale=scale)
-    num_exits = exit_logits.shape[0]
-    step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
-        loss=loss, finite=finite.astype(jnp.float32), learning_rate=schedule(state.step),
-        exit_onehot=jax.nn.one_hot(exit_index, num_exits),
-        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T)
-    return new_state, step_metrics
-
-  def eval_step(state: TrainState, batch: dict):
-    images = augment.normalize(batch["images"], mean, std)
+  def evaluate_step(state: TrainState, batch: dict):
     with cpu_conv.native_convolutions(native):
-      exit_logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                images, train=False)
-    labels, mask = batch["labels"], batch["mask"]
-    predictions, exit_index = early_exit.predict(
-        exit_logits, threshold=exit_threshold, logit_scale=scale)
-    return metrics_lib.EvalMetrics.single_from_model_output(
-        correct=predictions == labels, mask=mask,
-        labels_onehot=jax.nn.one_hot(labels, num_classes),
-        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T,
-        exit_onehot=jax.nn.one_hot(exit_index, exit_logits.shape[0]))
+      return eval_step(state, batch)
 
   replicated = sharding.replicated(mesh)
   batched = sharding.batch_sharding(mesh)
   train = jax.jit(train_step, in_shardings=(replicated, batched),
                   out_shardings=(replicated, replicated), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(replicated, batched),
+  evaluate = jax.jit(evaluate_step, in_shardings=(replicated, batched),
                      out_shardings=replicated)
   train_resident = None
-  if in_memory:
-    num_train = data.num_train
-
+  if pieces.gather is not None:
     def train_step_resident(state: TrainState, resident: dict):
       # The seed is an argument, not a constant, so runs that differ only in
       # their seed compile to the same program (and share a compilation cache).
-      # The epoch's permutation is redrawn every step so that the step stays a
-      # function of state.step alone: 14 ms on 2 CPU cores for CIFAR-10-LT's
-      # 12,406 images, under 1% of that step.
-      indices = pipeline.train_indices(num_train, step=state.step,
-                                       global_batch_size=config.batch_size,
-                                       seed=resident["seed"])
       # Each device gathers only its own rows of the global batch.
-      batch = jax.lax.with_sharding_constraint(
-          {"images": resident["images"][indices], "labels": resident["labels"][indices]},
-          batched)
+      batch = jax.lax.with_sharding_constraint(pieces.gather(resident, state.step),
+                                               batched)
       return train_step(state, batch)
 
     train_resident = jax.jit(train_step_resident, in_shardings=(replicated, replicated),
@@ -282,10 +454,12 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
 def resident_training_split(data: pipeline.InMemoryData,
                             config: ml_collections.ConfigDict,
                             mesh: jax.sharding.Mesh) -> dict:
-  """The training split and the data seed on every device: the second argument
-  of ``Steps.train_resident``."""
+  """The training split, its examples in class order (what re-sampling draws
+  from) and the data seed on every device: the second argument of
+  ``Steps.train_resident``."""
   return sharding.replicate_host_data(
       {"images": data.train.images, "labels": data.train.labels,
+       "class_order": sampling.class_order(data.train.labels),
        "seed": np.int32(config.seed)}, mesh)
 
 
@@ -423,8 +597,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, claimed: workdir_lib.
     raise config_lib.ConfigError(f"{config.dataset}: {error}") from None
   model = config_lib.create_model(config, data.num_classes)
   image_shape = data.image_shape
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * steps_per_epoch)
+  total_steps = total_train_steps(config, steps_per_epoch)
   schedule = learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = create_optimizer(config, schedule)
   steps = make_steps(config, model, tx, data, mesh, steps_per_epoch, schedule)
@@ -469,7 +642,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, claimed: workdir_lib.
   else:
     batches = sharding.prefetch_to_mesh(data.train_batches(
         start_step=start_step, global_batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count()), mesh)
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        resampling=make_resampling(config, data.class_counts, steps_per_epoch)), mesh)
   last_step_metrics = None
   window = None
   timed_from = None  # (step, time) after the first (compiling) step of this process

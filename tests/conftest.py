@@ -1,10 +1,13 @@
 """Test set-up: simulate 8 CPU devices so multi-device code paths run everywhere,
-and give the session a persistent compilation cache of its own."""
+give the session a persistent compilation cache of its own, and restore absl's
+verbosity after each test."""
 
 import atexit
 import os
 import shutil
 import tempfile
+
+import pytest
 
 # Must be set before JAX initialises its backends.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -20,3 +23,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="har_jax_test_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_is_restored():
+  """Commands run in-process (analyze, early_exit_benchmark) lower absl's verbosity to
+  WARNING; restore it after each test so a later test's caplog sees absl's INFO records
+  whatever ran before it."""
+  from absl import logging as absl_logging
+  level = absl_logging.get_verbosity()
+  yield
+  absl_logging.set_verbosity(level)

@@ -63,10 +63,14 @@ def test_reports_the_step_as_json_without_tensorflow():
 
 
 def test_against_times_a_second_config_in_the_same_run():
-  report = run_benchmark("--against=har=False", "--image_shape=16,16,3",
-                         "--num_classes=5")
+  # The steps that gather their batch on the devices, mixup and class-balanced
+  # re-sampling against the plain one.
+  report = run_benchmark("--against=mixing=none,sampler=instance", "--gather",
+                         "--config.mixing=mixup", "--config.sampler=class_balanced",
+                         "--image_shape=16,16,3", "--num_classes=5", "--largest_class=40")
   assert report["image_shape"] == [16, 16, 3] and report["num_classes"] == 5
-  assert report["against"]["overrides"] == ["har=False"]
+  assert report["gather"] and report["mixing"] == "mixup"
+  assert report["against"]["overrides"] == ["mixing=none", "sampler=instance"]
   assert report["against"]["step_ms"] > 0
   assert abs(report["step_ratio"] - report["step_ms"] / report["against"]["step_ms"]
              ) < 1e-9

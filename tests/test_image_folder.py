@@ -238,7 +238,7 @@ def test_validation_folder_is_read_as_the_validation_split(tmp_path):
 
 def test_subsampling_and_the_choice_of_path_are_logged(folder, caplog):
   root, _ = folder
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     data = image_folder.load_image_folder(root, image_size=32, memory_budget_mb=1.0,
                                           imbalance_factor=10)
   assert data.class_counts == (3, 30, 9)
@@ -256,7 +256,7 @@ def test_subsampling_and_the_choice_of_path_are_logged(folder, caplog):
 def test_streaming_path_is_taken_over_the_budget(folder, tmp_path, caplog):
   root, written = folder
   cache = str(tmp_path / "check.json")
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     # 48 images of 32 x 32 x 3 bytes are 0.14 MiB.
     data = image_folder.load_image_folder(root, image_size=32, memory_budget_mb=0.1,
                                           check_cache=cache)
@@ -286,7 +286,7 @@ def test_streaming_path_is_taken_over_the_budget(folder, tmp_path, caplog):
 
   # The check of the files is kept: a second load (a resumed run) skips it.
   caplog.clear()
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     image_folder.load_image_folder(root, image_size=32, memory_budget_mb=0.1,
                                    check_cache=cache)
   assert "decoding each" not in caplog.text

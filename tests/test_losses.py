@@ -38,18 +38,68 @@ def ref_ldam(z, y, margins, scale):
   return ref_ce(scale * z, y)
 
 
+def ref_cdt(z, y, counts, gamma):
+  counts = np.asarray(counts, np.float64)
+  return ref_ce(np.asarray(z, np.float64) / (counts.max() / counts) ** gamma, y)
+
+
+def ref_balanced_softmax(z, y, counts):
+  """Ren et al.'s form: -log(n_y e^{z_y} / sum_j n_j e^{z_j})."""
+  z = np.asarray(z, np.float64)
+  weighted = np.asarray(counts, np.float64) * np.exp(z - z.max(axis=-1, keepdims=True))
+  return np.array([-np.log(weighted[b, y[b]] / weighted[b].sum()) for b in range(len(y))])
+
+
+def ref_logit_adjusted(z, y, counts, tau):
+  counts = np.asarray(counts, np.float64)
+  return ref_ce(np.asarray(z, np.float64) + tau * np.log(counts / counts.sum()), y)
+
+
+def numeric_grad(f, z, step=1e-6):
+  """Central differences of the scalar f at every entry of z (float64)."""
+  z = np.asarray(z, np.float64)
+  grad = np.zeros_like(z)
+  for index in np.ndindex(z.shape):
+    up, down = z.copy(), z.copy()
+    up[index] += step
+    down[index] -= step
+    grad[index] = (f(up) - f(down)) / (2 * step)
+  return grad
+
+
 def ref_exit_index(exit_logits, y, threshold, scale=1.0):
+  """y: [B], or [E, B] for a label per exit."""
   num_exits, batch, _ = exit_logits.shape
+  y = np.broadcast_to(y, (num_exits, batch))
   index = []
   for b in range(batch):
     chosen = num_exits - 1
     for i in range(num_exits):
       p = np.exp(ref_log_softmax(scale * exit_logits[i, b]))
-      if np.argmax(exit_logits[i, b]) == y[b] and p[y[b]] > threshold:
+      if np.argmax(exit_logits[i, b]) == y[i, b] and p[y[i, b]] > threshold:
         chosen = i
         break
     index.append(chosen)
   return np.array(index)
+
+
+def ref_mixed_har_loss(exit_logits, y, y2, lam, threshold, weights=None):
+  """Each exit's target: y with weight lam[i, b], y2 with 1 - lam[i, b]; the
+  exit judged by the heavier label; each label's term a weighted mean."""
+  num_exits, batch, num_classes = exit_logits.shape
+  weights = np.ones(num_classes) if weights is None else np.asarray(weights)
+  lam = np.broadcast_to(np.asarray(lam, np.float64), (num_exits, batch))
+  dominant = np.where(lam >= 0.5, y[None], y2[None])
+  k = ref_exit_index(exit_logits, dominant, threshold)
+  total = 0.0
+  for labels, share in ((y, lam), (y2, 1 - lam)):
+    numerator = 0.0
+    for b in range(batch):
+      for i in range(k[b] + 1):
+        numerator += weights[labels[b]] * share[i, b] * ref_ce(
+            exit_logits[i, b][None], labels[b:b + 1])[0]
+    total += numerator / sum(weights[labels[b]] for b in range(batch))
+  return total
 
 
 def ref_har_loss(exit_logits, y, threshold, base=ref_ce, weights=None,
@@ -141,16 +191,8 @@ def test_focal_matches_reference(gamma):
 
 def test_focal_gradient_matches_finite_differences_of_reference():
   z, y = random_problem(5, num_exits=1, batch=4, num_classes=3)
-  z = z[0].astype(np.float64)
-  grad = jax.grad(lambda logits: jnp.sum(losses.focal(logits, y, gamma=2.0)))(
-      z.astype(np.float32))
-  step = 1e-6
-  numeric = np.zeros_like(z)
-  for index in np.ndindex(z.shape):
-    up, down = z.copy(), z.copy()
-    up[index] += step
-    down[index] -= step
-    numeric[index] = (ref_focal(up, y, 2.0).sum() - ref_focal(down, y, 2.0).sum()) / (2 * step)
+  grad = jax.grad(lambda logits: jnp.sum(losses.focal(logits, y, gamma=2.0)))(z[0])
+  numeric = numeric_grad(lambda zz: ref_focal(zz, y, 2.0).sum(), z[0])
   np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
 
 
@@ -189,7 +231,82 @@ def test_class_balanced_weights_formula():
   assert np.all(np.diff(np.asarray(got)) > 0), "rarer classes must weigh more"
 
 
-@pytest.mark.parametrize("fn", [losses.ldam_margins, losses.class_balanced_weights])
+COUNTS = [500, 300, 120, 40, 7]
+
+
+def test_cdt_temperatures_formula():
+  counts = [1000, 100, 10, 1]
+  np.testing.assert_allclose(losses.cdt_temperatures(counts, 0.2),
+                             [1.0, 10 ** 0.2, 100 ** 0.2, 1000 ** 0.2], rtol=1e-6)
+  np.testing.assert_array_equal(losses.cdt_temperatures(counts, 0.0), np.ones(4))
+  with pytest.raises(ValueError, match="gamma must be >= 0"):
+    losses.cdt_temperatures(counts, -0.1)
+
+
+def test_log_prior_formula():
+  np.testing.assert_allclose(losses.log_prior([6, 3, 1]), np.log([0.6, 0.3, 0.1]),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.2, 0.5])
+def test_cdt_matches_reference_and_its_gradient(gamma):
+  z, y = random_problem(17, num_exits=1, batch=6)
+  temperatures = losses.cdt_temperatures(COUNTS, gamma)
+  np.testing.assert_allclose(losses.cdt(z[0], y, temperatures=temperatures),
+                             ref_cdt(z[0], y, COUNTS, gamma), rtol=RTOL, atol=ATOL)
+  grad = jax.grad(lambda logits: jnp.sum(
+      losses.cdt(logits, y, temperatures=temperatures)))(z[0])
+  numeric = numeric_grad(lambda zz: ref_cdt(zz, y, COUNTS, gamma).sum(), z[0])
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_logit_adjusted_matches_reference_and_its_gradient(tau):
+  z, y = random_problem(18, num_exits=1, batch=6)
+  log_prior = losses.log_prior(COUNTS)
+  np.testing.assert_allclose(losses.logit_adjusted(z[0], y, log_prior=log_prior, tau=tau),
+                             ref_logit_adjusted(z[0], y, COUNTS, tau), rtol=RTOL, atol=ATOL)
+  grad = jax.grad(lambda logits: jnp.sum(
+      losses.logit_adjusted(logits, y, log_prior=log_prior, tau=tau)))(z[0])
+  numeric = numeric_grad(lambda zz: ref_logit_adjusted(zz, y, COUNTS, tau).sum(), z[0])
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
+
+
+def test_logit_adjusted_is_ce_at_tau_0_and_the_balanced_softmax_at_tau_1():
+  z, y = random_problem(19, num_exits=1, batch=32)
+  log_prior = losses.log_prior(COUNTS)
+  np.testing.assert_allclose(losses.logit_adjusted(z[0], y, log_prior=log_prior, tau=0.0),
+                             ref_ce(z[0], y), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(losses.logit_adjusted(z[0], y, log_prior=log_prior),
+                             ref_balanced_softmax(z[0], y, COUNTS), rtol=RTOL, atol=ATOL)
+
+
+def test_one_compilation_serves_every_logit_adjustment_tau():
+  z, y = random_problem(20, num_exits=1)
+  traces = []
+
+  @jax.jit
+  def loss(tau):
+    traces.append(1)
+    return losses.logit_adjusted(z[0], y, log_prior=losses.log_prior(COUNTS), tau=tau)
+
+  for tau in (0.0, 1.0, 1.5):
+    np.testing.assert_allclose(loss(jnp.float32(tau)), ref_logit_adjusted(z[0], y, COUNTS, tau),
+                               rtol=RTOL, atol=ATOL)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("fn, kwarg", [(losses.cdt, "temperatures"),
+                                       (losses.logit_adjusted, "log_prior")])
+def test_class_vector_of_wrong_length_is_rejected(fn, kwarg):
+  z, y = random_problem(0, num_exits=1)
+  with pytest.raises(ValueError, match=rf"{kwarg} must have shape \[C\] = \(5,\)"):
+    fn(z[0], y, **{kwarg: np.ones(4)})
+
+
+@pytest.mark.parametrize("fn", [losses.ldam_margins, losses.class_balanced_weights,
+                                losses.log_prior,
+                                functools.partial(losses.cdt_temperatures, gamma=0.2)])
 def test_counts_with_an_empty_class_are_rejected(fn):
   with pytest.raises(ValueError, match="class 2"):
     fn([10, 5, 0])
@@ -212,6 +329,17 @@ def test_exit_masks_match_reference_on_random_logits(threshold, scale):
   z = z / 3.0 if scale > 1 else z
   _, index = losses.exit_masks(z, y, threshold=threshold, logit_scale=scale)
   np.testing.assert_array_equal(index, ref_exit_index(z, y, threshold, scale))
+
+
+def test_exit_masks_take_a_label_per_exit():
+  z, y = random_problem(21, num_exits=3, batch=64)
+  other = np.random.default_rng(21).integers(0, z.shape[-1], size=y.shape).astype(np.int32)
+  per_exit = np.stack([y, other, y])
+  _, index = losses.exit_masks(z, per_exit, threshold=0.4)
+  np.testing.assert_array_equal(index, ref_exit_index(z, per_exit, 0.4))
+  assert not np.array_equal(index, ref_exit_index(z, y, 0.4)), "the labels matter"
+  with pytest.raises(ValueError, match=r"or \[E, B\]"):
+    losses.exit_masks(z, per_exit[:2], threshold=0.4)
 
 
 def test_threshold_of_one_trains_every_exit_on_every_example():
@@ -246,6 +374,56 @@ def test_har_loss_on_constructed_exits_with_ldam_and_focal():
                         loss_fn=functools.partial(losses.focal, gamma=2.0))
   want = ref_har_loss(z, y, 0.3, base=lambda zz, yy: ref_focal(zz, yy, 2.0))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["cdt", "logit_adjusted"])
+def test_har_with_cdt_and_logit_adjustment_judges_exits_by_the_raw_logits(loss):
+  z, y = random_problem(22, num_exits=3, batch=64)
+  counts = [1000, 300, 80, 20, 2]
+  if loss == "cdt":
+    loss_fn = functools.partial(losses.cdt, temperatures=losses.cdt_temperatures(counts, 1.0))
+    base = lambda zz, yy: ref_cdt(zz, yy, counts, 1.0)
+    seen_by_loss = z / (np.max(counts) / np.asarray(counts)) ** 1.0
+  else:
+    loss_fn = functools.partial(losses.logit_adjusted, log_prior=losses.log_prior(counts))
+    base = lambda zz, yy: ref_logit_adjusted(zz, yy, counts, 1.0)
+    seen_by_loss = z + np.log(np.asarray(counts) / np.sum(counts))
+  weights = np.asarray(losses.class_balanced_weights(counts))
+  got = losses.har_loss(z, y, threshold=0.5, loss_fn=loss_fn, class_weights=weights)
+  np.testing.assert_allclose(got, ref_har_loss(z, y, 0.5, base=base, weights=weights),
+                             rtol=RTOL, atol=ATOL)
+  # The test can tell: judged by the logits the loss sees, other examples exit.
+  assert not np.array_equal(ref_exit_index(z, y, 0.5), ref_exit_index(seen_by_loss, y, 0.5))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_mixed_har_loss_matches_reference(lam):
+  z, y = random_problem(23, num_exits=3, batch=32)
+  y2 = y[np.random.default_rng(23).permutation(len(y))]
+  weights = np.random.default_rng(24).uniform(0.2, 3.0, size=z.shape[-1])
+  # Manifold mixup after stage 1: exit 0 saw clean features.
+  label_weights = np.array([[1.0], [lam], [lam]]) * np.ones((3, len(y)))
+  got = losses.mixed_har_loss(z, y, y2, label_weights, threshold=0.5, class_weights=weights)
+  want = ref_mixed_har_loss(z, y, y2, label_weights, 0.5, weights)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_mixed_har_loss_with_own_labels_only_is_har_loss():
+  z, y = random_problem(25, num_exits=3, batch=32)
+  y2 = np.roll(y, 1)
+  weights = np.random.default_rng(25).uniform(0.2, 3.0, size=z.shape[-1])
+  np.testing.assert_allclose(
+      losses.mixed_har_loss(z, y, y2, 1.0, threshold=0.6, class_weights=weights),
+      ref_har_loss(z, y, 0.6, weights=weights), rtol=RTOL, atol=ATOL)
+
+
+def test_mixed_har_loss_gradient_matches_finite_differences_of_reference():
+  z, y = random_problem(26, num_exits=2, batch=4, num_classes=3)
+  y2 = y[::-1].copy()
+  # Masks fixed by a threshold no exit reaches: the reference is smooth there.
+  grad = jax.grad(lambda logits: losses.mixed_har_loss(logits, y, y2, 0.3, threshold=1.0))(z)
+  numeric = numeric_grad(lambda zz: ref_mixed_har_loss(zz, y, y2, 0.3, 1.0), z)
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
 
 
 def test_single_exit_is_pytorch_weighted_mean_cross_entropy():

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from har_jax import config as config_lib
 from har_jax import data
@@ -143,6 +145,44 @@ def test_streaming_order_is_a_pure_function_of_seed_and_step():
     assert len(np.unique(labels)) == per_epoch * 32, "an epoch repeats an example"
   assert not np.array_equal(epochs[0], epochs[1]), "each epoch is reshuffled"
   assert not np.array_equal(run[0]["labels"], other["labels"])
+
+
+def test_resampled_stream_has_the_sampler_shares():
+  counts = [300, 90, 30, 8]
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(4), counts))
+  resampling = data.Resampling("class_balanced", tuple(counts), steps_per_epoch=10,
+                               total_steps=100)
+  stream = streaming.resample(tf.data.Dataset.from_tensor_slices({"label": labels}),
+                              resampling.example_multiplicity(0), seed=5)
+  total = 4 * len(labels)
+  drawn = np.bincount([example["label"] for example in
+                       tfds.as_numpy(stream.take(total))], minlength=4)
+  expected = total * np.asarray(data.class_sampling_shares(counts, "class_balanced"))
+  tolerance = 4.5 * np.sqrt(expected * (1 - expected / total)) + 1
+  assert np.all(np.abs(drawn - expected) <= tolerance), (drawn, expected)
+
+
+def test_resampled_streaming_order_resumes_exactly():
+  # 200 examples with distinct labels; pretend counts make the classes' copies differ.
+  counts = tuple(1 + 3 * (label % 4) for label in range(1000))
+  with mock.mock_tfds(num_examples=200):
+    loaded = _streaming("imagenet_lt", class_counts=counts)
+    resampling = data.Resampling("class_balanced", counts, steps_per_epoch=6,
+                                 total_steps=60, start_epoch=1)
+    kwargs = dict(global_batch_size=32, seed=3, resampling=resampling)
+    run = _collect(loaded.train_batches(start_step=0, **kwargs), 14)
+    resumed = _collect(loaded.train_batches(start_step=8, **kwargs), 6)
+  for offset, batch in enumerate(resumed):
+    np.testing.assert_array_equal(batch["labels"], run[8 + offset]["labels"])
+    np.testing.assert_array_equal(batch["images"], run[8 + offset]["images"])
+  first, second = (np.concatenate([b["labels"] for b in run[e * 6:(e + 1) * 6]])
+                   for e in (0, 1))
+  assert len(np.unique(first)) == len(first), "epoch 0 precedes the start epoch"
+  assert len(np.unique(second)) < len(second), "epoch 1 draws copies"
+  # Class-balanced over N = 5500 pretended examples: an example of a class of 1
+  # (label % 4 == 0) comes 5.5 times on average, one of a class of 10 0.55 times,
+  # so the first kind is about 2/3 of epoch 1 against 1/4 of epoch 0.
+  assert np.mean(second % 4 == 0) > 0.5 > np.mean(first % 4 == 0)
 
 
 def test_each_process_reads_only_its_shard_and_evaluation_covers_all_once():

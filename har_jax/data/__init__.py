@@ -1,4 +1,4 @@
-"""Long-tailed data: class counts, shot groups and data sets."""
+"""Long-tailed data: class counts, shot groups, data sets and re-sampling."""
 
 from har_jax.data.augment import normalize
 from har_jax.data.augment import random_crop_flip
@@ -16,6 +16,9 @@ from har_jax.data.pipeline import num_eval_batches
 from har_jax.data.pipeline import steps_per_epoch
 from har_jax.data.pipeline import train_batch
 from har_jax.data.pipeline import train_indices
+from har_jax.data.sampling import SAMPLERS
+from har_jax.data.sampling import Resampling
+from har_jax.data.sampling import class_sampling_shares
 from har_jax.data.specs import DATASET_SPECS
 from har_jax.data.specs import DatasetSpec
 from har_jax.data.specs import dataset_spec

@@ -14,7 +14,9 @@ count: epoch ``e`` reads the shard in the order seeded by ``(seed, e)`` (file
 order and shuffle buffer), and every example's crop and flip are seeded by
 ``(seed, e)`` and its position in the epoch. A run resumed at step ``s`` skips
 the first ``s % steps_per_epoch`` batches of its epoch before decoding them, so
-it sees exactly the batches an uninterrupted run sees.
+it sees exactly the batches an uninterrupted run sees. Re-sampling repeats each
+example of the shard a random number of times (:func:`resample`), seeded by
+``(seed, e)`` as well, before the shuffle buffer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from har_jax import sharding
+from har_jax.data import sampling
 from har_jax.data import tfds_sources
 from har_jax.data.pipeline import num_eval_batches
 from har_jax.data.pipeline import steps_per_epoch
@@ -178,9 +181,14 @@ class StreamingData:
     return "validation" in self.split_sizes
 
   def train_batches(self, *, start_step: int, global_batch_size: int, seed: int,
-                    process_index: int = 0,
-                    process_count: int = 1) -> Iterator[dict]:
+                    process_index: int = 0, process_count: int = 1,
+                    resampling: Optional[sampling.Resampling] = None) -> Iterator[dict]:
     """This process's share of the global training batches from ``start_step`` on.
+
+    Args:
+      resampling: the class shares of the batches from its start epoch on
+        (:func:`resample` before the shuffle buffer); None: each example once
+        an epoch.
 
     Yields:
       ``{'images': [B/P, S, S, 3] uint8, 'labels': [B/P] int32}`` for steps
@@ -195,6 +203,8 @@ class StreamingData:
     while True:
       epoch_seed = _epoch_seed(seed, epoch)
       dataset = self.read("train", process_index, process_count, epoch_seed)
+      if resampling is not None and resampling.active(epoch):
+        dataset = resample(dataset, resampling.example_multiplicity(epoch), epoch_seed)
       dataset = dataset.shuffle(self.shuffle_buffer, seed=epoch_seed,
                                 reshuffle_each_iteration=False)
       # Skip before decoding: resuming costs reads, not decodes.
@@ -247,6 +257,28 @@ class StreamingData:
              "labels": np.zeros((0,), np.int32)}
     for _ in range(batches - yielded):
       yield _pad(empty, local)
+
+
+def resample(dataset: tf.data.Dataset, multiplicity: np.ndarray,
+             seed: int) -> tf.data.Dataset:
+  """Each example repeated ``floor(m + u)`` times, ``u ~ U[0, 1)``, with ``m``
+  the mean copies of its class (``Resampling.example_multiplicity``), before
+  decoding; then the shard again, without end, so an epoch never runs short.
+
+  Copies per example have mean ``m`` (``floor(m)`` or ``floor(m) + 1``), so the
+  classes' shares of the stream are the sampler's. Each ``u`` is seeded by
+  ``(seed, position in the shard's read order)``: the stream is a function of
+  the seed, and a resumed run can skip into it.
+  """
+  table = tf.constant(multiplicity, tf.float32)
+
+  def copies(position, example):
+    fraction = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.constant(seed, tf.int64), position]))
+    count = tf.cast(tf.floor(tf.gather(table, example["label"]) + fraction), tf.int64)
+    return tf.data.Dataset.from_tensors(example).repeat(count)
+
+  return dataset.enumerate().flat_map(copies).repeat()
 
 
 def _pad(batch: dict, size: int) -> dict:

@@ -7,6 +7,11 @@ k-1 (exclusive) to exit k, and exit head k classifies the feature map there.
 ``__call__`` composes ``segment`` and ``exit_head``, which cascaded inference can
 also call one at a time.
 
+Features may be mixed (manifold mixup, MFW: ``har_jax.mixing``) at the stage
+boundaries: boundary 0 is the input images, boundary k the features after stage
+k. ``apply(..., mix=m)`` calls ``m(features, boundary)`` at each one, so the
+exits before the boundary that mixes see the clean features.
+
 Parameter names say which piece they belong to: ``stem``, ``stage{j}_block{b}``
 (stage j is 1-based, as in the exit string), ``exit{i}`` for early exit i and
 ``classifier`` for the backbone's own final classifier, so a single-exit model has
@@ -14,7 +19,7 @@ exactly the plain ResNet's parameters.
 """
 
 import functools
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,6 +35,8 @@ from har_jax.models.layers import batch_norm
 from har_jax.models.layers import conv
 
 ModuleDef = Any
+# (features [B, ...], boundary) -> features: mixes features at a stage boundary.
+MixFn = Callable[[jax.Array, int], jax.Array]
 
 # PyTorch's kaiming_normal_ (untruncated normal, gain sqrt(2)); the LDAM-DRW CIFAR
 # ResNets use fan_in for convs and the classifier, torchvision fan_out for convs.
@@ -124,9 +131,11 @@ class BottleneckBlock(nn.Module):
 class ResNet(nn.Module):
   """ResNet with early exits; returns every exit's logits.
 
-  ``apply(variables, images [B, H, W, 3], train=...)`` -> float32 logits
-  ``[E, B, C]``, exits ordered shallow to deep, the last being the backbone's own
-  classifier. Pass ``mutable=["batch_stats"]`` when ``train`` is true.
+  ``apply(variables, images [B, H, W, 3], train=..., mix=None)`` -> float32
+  logits ``[E, B, C]``, exits ordered shallow to deep, the last being the
+  backbone's own classifier. Pass ``mutable=["batch_stats"]`` when ``train`` is
+  true. ``mix``, a ``(features, boundary) -> features`` function such as a
+  ``mixing.Mixing``, is called at every stage boundary (``mixing_boundaries``).
 
   Attributes:
     stage_sizes: blocks per stage, e.g. ``(5, 5, 5)`` for ResNet-32.
@@ -163,6 +172,12 @@ class ResNet(nn.Module):
     """E, the number of exits including the final classifier."""
     return len(self.exit_positions)
 
+  @property
+  def mixing_boundaries(self) -> tuple[int, ...]:
+    """Where features may be mixed: 0 the input images, k after stage k. The
+    exit at position p (``exit_positions``) sees boundary k's mixing iff p >= k."""
+    return tuple(range(len(self.stage_sizes) + 1))
+
   def _check_exit_index(self, index: int) -> None:
     # A negative index would silently pick the wrong layers in ``segment``.
     if not 0 <= index < self.num_exits:
@@ -182,7 +197,8 @@ class ResNet(nn.Module):
         for index in range(self.num_exits - 1)]
     self.classifier = classifier(self.head, self.num_classes, self.classifier_init)
 
-  def segment(self, x: jax.Array, index: int, train: bool) -> jax.Array:
+  def segment(self, x: jax.Array, index: int, train: bool,
+              mix: Optional[MixFn] = None) -> jax.Array:
     """Runs segment ``index``: the backbone from exit ``index - 1`` to exit ``index``.
 
     Args:
@@ -190,19 +206,23 @@ class ResNet(nn.Module):
         segment ``index - 1`` returned.
       index: exit index in ``[0, E)``, a Python int.
       train: batch statistics (true) or running averages (false) in BatchNorm.
+      mix: optional ``(features, boundary) -> features``, called with the input
+        (boundary 0) before the stem and after every stage k (boundary k).
 
     Returns:
       The feature map at exit ``index``, ``[B, H', W', D']`` in ``dtype``.
     """
     self._check_exit_index(index)
+    mix = mix or (lambda features, boundary: features)
     positions = self.exit_positions
     first = positions[index - 1] + 1 if index > 0 else 0
     for position in range(first, positions[index] + 1):
       if position == 0:
-        x = self.stem(x, train)
+        x = self.stem(mix(x, 0), train)
       else:
         for block in self.stages[position - 1]:
           x = block(x, train)
+        x = mix(x, position)
     return x
 
   def exit_head(self, x: jax.Array, index: int, train: bool) -> jax.Array:
@@ -212,12 +232,14 @@ class ResNet(nn.Module):
       return self.classifier(global_average_pool(x))
     return self.exit_heads[index](x, train)
 
-  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-    """Every exit's logits, float32 ``[E, B, C]``, from images ``[B, H, W, 3]``."""
+  def __call__(self, images: jax.Array, train: bool,
+               mix: Optional[MixFn] = None) -> jax.Array:
+    """Every exit's logits, float32 ``[E, B, C]``, from images ``[B, H, W, 3]``;
+    ``mix`` as in :meth:`segment`."""
     x = images
     logits = []
     for index in range(self.num_exits):
-      x = self.segment(x, index, train)
+      x = self.segment(x, index, train, mix)
       logits.append(self.exit_head(x, index, train))
     return jnp.stack(logits)
 
