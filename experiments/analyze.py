@@ -128,6 +128,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
                      class_counts: Sequence[int], shot_many: int, shot_few: int,
                      exit_flops: Sequence[float], backbone_flops: float,
                      threshold: float, logit_scale: float,
+                     margins: Optional[Sequence[float]] = None,
                      class_names: Optional[Sequence[str]] = None,
                      thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                      max_accuracy_drop: Optional[float] = 0.01,
@@ -146,6 +147,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
     backbone_flops: MACs of the plain backbone.
     threshold: the run's inference exit threshold.
     logit_scale: the softmax scale of confidences.
+    margins: the class margins of confidences (``TrainedRun.confidence``), or None.
     class_names: ``[C]`` names of the classes; None names them by index.
     thresholds: ``[T]`` thresholds of the accuracy-FLOPs curves.
     max_accuracy_drop, flops_budget: calibration targets; None skips one.
@@ -159,7 +161,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
   num_exits, _, num_classes = test_logits.shape
   groups = long_tail.shot_groups(class_counts, shot_many, shot_few)
   predictions, exit_index = (np.asarray(a) for a in early_exit.predict(
-      test_logits, threshold=threshold, logit_scale=logit_scale))
+      test_logits, threshold=threshold, logit_scale=logit_scale, margins=margins))
   class_accuracy = per_class_accuracy(predictions, test_labels, num_classes)
   by_group = exit_fraction_by_group(exit_index, test_labels, groups, num_exits)
   group_accuracy = metrics.shot_group_accuracy(class_accuracy, groups)
@@ -167,6 +169,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
   numbers = {
       "threshold": float(threshold),
       "logit_scale": float(logit_scale),
+      "margins": None if margins is None else [float(m) for m in np.asarray(margins)],
       "num_exits": int(num_exits),
       "exit_flops": [float(f) for f in exit_flops],
       "backbone_flops": float(backbone_flops),
@@ -195,7 +198,7 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
 
   def curve_on(logits, labels, at):
     return early_exit.threshold_curve(logits, labels, at, exit_flops, backbone_flops,
-                                      logit_scale=logit_scale)
+                                      logit_scale=logit_scale, margins=margins)
 
   numbers["test_curve"] = _curve_dict(curve_on(test_logits, test_labels, thresholds))
   numbers["validation_curve"] = None
@@ -348,7 +351,8 @@ def report_markdown(numbers: dict, workdir: str, step: int, plots: Sequence[str]
       f"# Early-exit analysis of {workdir}",
       "",
       f"Checkpoint of step {step}; test split of {test['examples']} examples; run "
-      f"threshold {numbers['threshold']:g} (softmax scale {numbers['logit_scale']:g}).",
+      f"threshold {numbers['threshold']:g} (softmax scale {numbers['logit_scale']:g}"
+      f"{', LDAM class margins' if numbers.get('margins') else ''}).",
       "",
       f"- accuracy {_percent(test['accuracy'])}, FLOPs saving "
       f"{_percent(test['flops_saving'])} against the plain backbone "
@@ -465,7 +469,7 @@ def run_analysis(workdir: str, output: Optional[str] = None, *, batch_size: int 
       class_counts=data.class_counts, shot_many=run.config.shot_many,
       shot_few=run.config.shot_few, exit_flops=flops.per_exit,
       backbone_flops=flops.backbone, threshold=run.threshold,
-      logit_scale=run.logit_scale, class_names=data.class_names,
+      **run.confidence, class_names=data.class_names,
       max_accuracy_drop=max_accuracy_drop,
       flops_budget=flops_budget)
   numbers["step"] = run.step

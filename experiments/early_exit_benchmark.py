@@ -81,7 +81,7 @@ def main(argv):
   variables = jax.device_put(run.variables, device)
   batches = test_batches(run, _BATCH_SIZE.value, device)
   result = timing.time_cascade(
-      run.model, variables, batches, threshold=threshold, logit_scale=run.logit_scale,
+      run.model, variables, batches, threshold=threshold, confidence=run.confidence,
       image_shape=run.data.image_shape, min_bucket=_MIN_BUCKET.value,
       repeats=_REPEATS.value, warmup=_WARMUP.value, device=device, progress=_progress)
   result.update(model=run.config.model, exits=run.config.exits)

@@ -215,7 +215,8 @@ def cascade_item(setting: Setting, fractions, *, batches: int, repeats: int,
         lambda w, s=scale: w * s, params[head]["classifier"]))
   variables = {**variables, "params": params}
   result = timing.time_cascade(
-      model, variables, images, threshold=_CASCADE_THRESHOLD, logit_scale=1.0,
+      model, variables, images, threshold=_CASCADE_THRESHOLD,
+      confidence={"logit_scale": 1.0},  # the linear head's: softmax of its logits
       image_shape=image_shape, min_bucket=8, repeats=repeats, warmup=warmup,
       device=device)
   result.update(model=setting.model, exits=setting.exits, dtype="bfloat16",

@@ -281,11 +281,15 @@ def plain_backbone(model):
   return jax.jit(run)
 
 
-def all_exits(model, threshold, logit_scale):
-  """Jitted ``early_exit.predict`` on every exit's logits."""
+def all_exits(model, threshold, confidence: dict):
+  """Jitted ``early_exit.predict`` on every exit's logits.
+
+  Args:
+    confidence: ``logit_scale`` and ``margins`` (``har_jax.config.exit_confidence``).
+  """
   def run(variables, x):
     return early_exit.predict(model.apply(variables, x, train=False),
-                              threshold=threshold, logit_scale=logit_scale)
+                              threshold=threshold, **confidence)
   return jax.jit(run)
 
 
@@ -314,7 +318,7 @@ def timed_pass(method, batches) -> float:
 
 
 def time_cascade(model, variables, batches: list, *, threshold: float,
-                 logit_scale: float, image_shape, min_bucket: int, repeats: int,
+                 confidence: dict, image_shape, min_bucket: int, repeats: int,
                  warmup: int, device, progress: Callable[[str], None] = lambda _: None
                  ) -> dict:
   """Times the cascade against the plain backbone (and every exit, for
@@ -324,12 +328,14 @@ def time_cascade(model, variables, batches: list, *, threshold: float,
   median full time``), their ratio ``wall_over_flops``, ``images_per_sec_*``,
   the exits taken, whether the cascade agreed with ``early_exit.predict`` and
   how many programs it compiled (while timed: none, after the warm-up).
+  ``confidence``: how the exits measure it, ``logit_scale`` and ``margins``
+  (``har_jax.config.exit_confidence``).
   """
   flops = models.exit_flops(model, image_shape)
-  cascade = early_exit.Cascade(model, variables, logit_scale=logit_scale,
+  cascade = early_exit.Cascade(model, variables, **confidence,
                                min_bucket=min_bucket, device=device)
   plain = plain_backbone(model)
-  every_exit = all_exits(model, threshold, logit_scale)
+  every_exit = all_exits(model, threshold, confidence)
   methods = {
       "full": lambda x: plain(variables, x),
       "cascade": lambda x: cascade(x, threshold=threshold),

@@ -48,8 +48,10 @@ class TrainedRun:
   summary: Optional[dict]
 
   @property
-  def logit_scale(self) -> float:
-    return config_lib.logit_scale(self.config)
+  def confidence(self) -> dict:
+    """How the exits measure confidence: ``logit_scale`` and ``margins``, the
+    keyword arguments of ``early_exit.predict`` / ``Cascade`` / ``threshold_curve``."""
+    return config_lib.exit_confidence(self.config, self.data.class_counts)
 
   @property
   def threshold(self) -> float:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 
 from har_jax import cpu_conv
+from har_jax import losses
 from har_jax import mixing
 from har_jax import models
 from har_jax.data import sampling
@@ -29,6 +30,7 @@ DATASETS = (*data_specs.DATASET_SPECS, "image_folder")
 # and image_folder does either, by the size of its training split.
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
 LOSSES = ("ce", "focal", "ldam", "cdt", "logit_adjusted")
+EXIT_CONFIDENCES = ("margin", "softmax")
 HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
@@ -131,6 +133,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.har = True                 # False: every exit trains on every example
   config.har_threshold = 0.9        # training exit confidence
   config.exit_threshold = -1.0      # inference exit confidence; < 0: har_threshold
+  config.exit_confidence = "margin"  # cosine (LDAM) heads, training and inference:
+                                    # margin: exp(-LDAM loss) of the class c,
+                                    # softmax(s*(z - m_c*onehot(c)))[c]; softmax:
+                                    # softmax(s*z)[c] (README: "HAR with LDAM");
+                                    # linear heads (the other losses) always
+                                    # softmax(z) of the raw logits
+  config.exit_confidence_scale = -1.0  # cosine heads: s above; < 0: ldam_scale
   config.drw_start_epoch = 160      # negative: no deferred re-weighting
   config.drw_beta = 0.9999          # "effective number" beta of the DRW weights and
                                     # of the effective_number sampler
@@ -173,8 +182,45 @@ def resolved_head(config: ml_collections.ConfigDict) -> str:
 
 
 def logit_scale(config: ml_collections.ConfigDict) -> float:
-  """The softmax scale of confidences: LDAM's scale for its cosine logits, else 1."""
-  return float(config.ldam_scale) if config.loss == "ldam" else 1.0
+  """The softmax scale of exit confidences: 1 for linear heads; for LDAM's cosine
+  logits ``exit_confidence_scale``, by default LDAM's own scale."""
+  if config.loss != "ldam":
+    return 1.0
+  if config.exit_confidence_scale < 0:
+    return float(config.ldam_scale)
+  return float(config.exit_confidence_scale)
+
+
+def exit_confidence(config: ml_collections.ConfigDict, class_counts) -> dict:
+  """How exits measure confidence, as the keyword arguments ``logit_scale`` and
+  ``margins`` of ``losses.exit_masks`` / ``har_loss`` and ``early_exit.predict``
+  / ``Cascade`` / ``threshold_curve``.
+
+  Linear heads (CE, focal, CDT, logit-adjusted): ``softmax(z)`` of the raw
+  logits, whatever the training loss does to them; no margins. LDAM with
+  ``exit_confidence`` ``margin`` (the default): its scale and class margins, so
+  that a confidence is ``exp(-ldam loss)`` of the class and a rare class, with
+  its larger margin, exits later; ``softmax``: the scale alone.
+
+  Args:
+    class_counts: ``[C]`` training examples per class (for LDAM's margins).
+  """
+  margins = None
+  if config.loss == "ldam" and config.exit_confidence == "margin":
+    margins = losses.ldam_margins(class_counts, config.ldam_max_margin)
+  return {"logit_scale": logit_scale(config), "margins": margins}
+
+
+def starved_exits_advice(config: ml_collections.ConfigDict) -> str:
+  """What to change when a run's deep exits starve (``metrics.starved_exits_warning``)."""
+  if config.loss == "ldam" and config.exit_confidence != "margin":
+    return ("Set exit_confidence=margin (the LDAM loss's own probability), a higher "
+            "har_threshold, or har=False.")
+  if config.loss == "ldam":
+    return (f"Raise har_threshold (now {config.har_threshold:g}) or lower "
+            f"exit_confidence_scale (now {logit_scale(config):g}), or set har=False.")
+  return (f"Raise har_threshold (now {config.har_threshold:g}) so fewer training "
+          "examples leave early, or set har=False.")
 
 
 def inference_threshold(config: ml_collections.ConfigDict) -> float:
@@ -198,6 +244,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                       "har_jax/config.py:base_config.")
   _one_of("dataset", config.dataset, DATASETS)
   _one_of("loss", config.loss, LOSSES)
+  _one_of("exit_confidence", config.exit_confidence, EXIT_CONFIDENCES)
   _one_of("head", config.head, HEAD_CHOICES)
   _one_of("dtype", config.dtype, tuple(DTYPES))
   _one_of("conv_impl", config.conv_impl, cpu_conv.CONV_IMPLS)
@@ -243,6 +290,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.exit_threshold > 1.0:
     raise ConfigError(f"exit_threshold is a softmax probability in [0, 1] (or "
                       f"negative for har_threshold), got {config.exit_threshold}.")
+  if config.exit_confidence_scale == 0:
+    raise ConfigError("exit_confidence_scale is the softmax scale of a cosine head's "
+                      "exit confidences: positive, or negative for ldam_scale; got 0.")
   if not config.mixup_alpha > 0:
     raise ConfigError(f"mixup_alpha must be > 0 (lam ~ Beta(alpha, alpha)), got "
                       f"{config.mixup_alpha}.")

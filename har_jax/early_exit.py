@@ -1,7 +1,11 @@
 """Confidence-based early-exit inference, its FLOPs saving, and threshold calibration.
 
-At inference an example leaves at the first exit whose largest softmax
-probability exceeds the threshold, else at the last exit.
+At inference an example leaves at the first exit whose confidence in its own
+prediction exceeds the threshold, else at the last exit. The confidence is the
+training criterion's (:func:`har_jax.losses.class_confidence`) with the
+predicted class in place of the label: the largest softmax probability for CE
+and focal, and for a cosine (LDAM) head with margins the probability left
+once the predicted class's logit is lowered by its margin.
 
 - :func:`predict` decides from every exit's logits (the whole network has run).
 - :class:`Cascade` runs the network segment by segment and continues only with
@@ -20,24 +24,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from har_jax import losses
+
 Array = jax.Array
+Margins = Optional[Union[np.ndarray, Array, Sequence[float]]]
 
 
-def _confidence(logits: Array, logit_scale: Union[float, Array]) -> Array:
-  """``max softmax(s * z)`` over the last axis; one definition for every path."""
-  return jnp.max(jax.nn.softmax(logit_scale * logits, axis=-1), axis=-1)
+def _confidence(logits: Array, logit_scale: Union[float, Array],
+                margins: Margins) -> Array:
+  """Confidence of each row in its own prediction; one definition for every path.
+
+  ``softmax(s * (z - m[c] * onehot(c)))[c]`` with ``c = argmax z``: without
+  margins, ``max softmax(s * z)``.
+  """
+  predictions = jnp.argmax(logits, axis=-1)
+  return losses.class_confidence(logits, predictions, logit_scale=logit_scale,
+                                 margins=margins)
 
 
 def predict(exit_logits: Array, *, threshold: Union[float, Array],
-            logit_scale: Union[float, Array] = 1.0) -> Tuple[Array, Array]:
+            logit_scale: Union[float, Array] = 1.0,
+            margins: Margins = None) -> Tuple[Array, Array]:
   """Prediction of each example at its first confident exit.
 
   Args:
     exit_logits: ``[E, B, C]`` logits of every exit, shallow to deep.
     threshold: scalar; exit ``i`` is confident on example ``b`` when
-      ``max softmax(s * z[i, b]) > threshold``. May be traced.
-    logit_scale: ``s``, the scale the training loss used (1 for CE/focal,
-      the LDAM scale for cosine heads).
+      ``softmax(s * (z - m[c] * onehot(c)))[c] > threshold`` for its
+      prediction ``c = argmax z[i, b]`` (``max softmax(s * z[i, b])`` without
+      margins). May be traced.
+    logit_scale: ``s``, the confidence scale of training (1 for CE/focal,
+      see ``har_jax.config.exit_confidence`` for cosine heads).
+    margins: optional ``[C]`` class margins of the confidence (LDAM's, where
+      training used them); None: no margin.
 
   Returns:
     ``(predictions [B] int32, exit_index [B] int32)``.
@@ -46,7 +65,7 @@ def predict(exit_logits: Array, *, threshold: Union[float, Array],
     raise ValueError("exit_logits must have rank 3, [E, B, C]; got shape "
                      f"{jnp.shape(exit_logits)}.")
   logits = exit_logits.astype(jnp.promote_types(exit_logits.dtype, jnp.float32))
-  confident = (_confidence(logits, logit_scale) > threshold).at[-1].set(True)
+  confident = (_confidence(logits, logit_scale, margins) > threshold).at[-1].set(True)
   exit_index = jnp.argmax(confident, axis=0).astype(jnp.int32)  # first True
   per_exit_prediction = jnp.argmax(logits, axis=-1)  # [E, B]
   predictions = jnp.take_along_axis(per_exit_prediction, exit_index[None], axis=0)[0]
@@ -106,13 +125,15 @@ class Cascade:
       (``models.ResNet``).
     variables: its ``{"params": ..., "batch_stats": ...}``; moved to ``device``.
     logit_scale: the softmax scale of confidences (see :func:`predict`).
+    margins: the class margins of confidences (see :func:`predict`).
     min_bucket: the smallest padded batch: smaller ones would hardly run faster
       on most hardware, and fewer sizes mean fewer programs.
     device: where to run; default the first local device.
   """
 
   def __init__(self, model: nn.Module, variables: Any, *,
-               logit_scale: float = 1.0, min_bucket: int = 8,
+               logit_scale: float = 1.0, margins: Margins = None,
+               min_bucket: int = 8,
                device: Optional[jax.Device] = None):
     if min_bucket < 1:
       raise ValueError(f"min_bucket must be at least 1, got {min_bucket}.")
@@ -122,6 +143,7 @@ class Cascade:
     self._device = jax.local_devices()[0] if device is None else device
     self._variables = jax.device_put(variables, self._device)
     self._logit_scale = logit_scale
+    self._margins = None if margins is None else jnp.asarray(margins, jnp.float32)
     self._traces = []  # one entry per program built: (segment, rows in, rows out)
     self._step = jax.jit(self._segment_step, static_argnames="index")
 
@@ -160,7 +182,7 @@ class Cascade:
     predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if index == self._num_exits - 1:
       return None, None, predictions
-    confident = _confidence(logits, self._logit_scale) > threshold
+    confident = _confidence(logits, self._logit_scale, self._margins) > threshold
     return features, confident, predictions
 
   def __call__(self, images: Union[np.ndarray, Array], *,
@@ -169,8 +191,8 @@ class Cascade:
 
     Args:
       images: ``[B, H, W, C]`` preprocessed (normalised) float images.
-      threshold: exit ``i`` takes example ``b`` when its largest softmax
-        probability exceeds this (see :func:`predict`).
+      threshold: exit ``i`` takes example ``b`` when its confidence in its
+        prediction exceeds this (see :func:`predict`).
 
     Returns:
       ``(predictions [B] int32, exit_index [B] int32)`` as NumPy arrays.
@@ -229,16 +251,19 @@ class ThresholdCurve(NamedTuple):
   final_exit_accuracy: float
 
 
-# predict at each of T thresholds: ([E, N, C], [T], scale) -> ([T, N], [T, N]).
-# Module level, so every curve of the same shapes reuses one compiled program.
+# predict at each of T thresholds: ([E, N, C], [T], scale, margins [C] or None)
+# -> ([T, N], [T, N]). Module level, so every curve of the same shapes reuses
+# one compiled program.
 _decide_per_threshold = jax.jit(jax.vmap(
-    lambda z, t, s: predict(z, threshold=t, logit_scale=s), in_axes=(None, 0, None)))
+    lambda z, t, s, m: predict(z, threshold=t, logit_scale=s, margins=m),
+    in_axes=(None, 0, None, None)))
 
 
 def threshold_curve(exit_logits: Union[np.ndarray, Array],
                     labels: Union[np.ndarray, Array], thresholds: Sequence[float],
                     exit_flops: Sequence[float], backbone_flops: float, *,
-                    logit_scale: float = 1.0) -> ThresholdCurve:
+                    logit_scale: float = 1.0,
+                    margins: Margins = None) -> ThresholdCurve:
   """Accuracy against FLOPs saving over thresholds, from every exit's logits.
 
   Decisions are made by :func:`predict` itself, so a threshold picked on this
@@ -251,6 +276,7 @@ def threshold_curve(exit_logits: Union[np.ndarray, Array],
     exit_flops: ``[E]`` cumulative MACs to leave at each exit.
     backbone_flops: MACs of the plain backbone.
     logit_scale: the softmax scale of confidences.
+    margins: the class margins of confidences (see :func:`predict`).
   """
   exit_logits = jnp.asarray(exit_logits)
   labels = np.asarray(labels)
@@ -262,7 +288,8 @@ def threshold_curve(exit_logits: Union[np.ndarray, Array],
   if len(exit_flops) != num_exits:
     raise ValueError(f"exit_flops has {len(exit_flops)} entries for {num_exits} exits.")
   predictions, exit_index = jax.device_get(_decide_per_threshold(
-      exit_logits, thresholds.astype(np.float32), np.float32(logit_scale)))
+      exit_logits, thresholds.astype(np.float32), np.float32(logit_scale),
+      None if margins is None else np.asarray(margins, np.float32)))
   spent = np.asarray(exit_flops, np.float64)[exit_index].mean(axis=1)  # [T]
   exit_fraction = np.stack([(exit_index == i).mean(axis=1) for i in range(num_exits)],
                            axis=1)

@@ -10,9 +10,9 @@ Every function is a pure function of arrays that works under ``jax.jit``,
 being the backbone's own classifier), B examples and C classes.
 
 Arguments that change during a run (``threshold``, ``class_weights``,
-``logit_scale``) may be traced arrays, so one compiled train step serves every
-threshold and the switch to deferred re-weighting (DRW). Shape errors are raised
-at trace time, before anything runs.
+``logit_scale``, ``margins``) may be traced arrays, so one compiled train step
+serves every threshold and the switch to deferred re-weighting (DRW). Shape
+errors are raised at trace time, before anything runs.
 """
 
 from __future__ import annotations
@@ -84,10 +84,7 @@ def ldam(logits: Array, labels: Array, *, margins: ArrayLike,
   Returns:
     ``[...]`` float32 loss of each example.
   """
-  margins = _class_vector(margins, logits, "ldam", "margins")
-  logits = _at_least_float32(logits)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  shifted = logits - margins[labels][..., None] * onehot
+  shifted = _lowered_by_margin(_at_least_float32(logits), labels, margins, "ldam")
   return cross_entropy(scale * shifted, labels)
 
 
@@ -193,29 +190,63 @@ def class_balanced_weights(class_counts: ArrayLike, beta: float = 0.9999) -> Arr
   return jnp.asarray(weights, dtype=jnp.float32)
 
 
+def class_confidence(logits: Array, classes: Array, *,
+                     logit_scale: ArrayLike = 1.0,
+                     margins: Optional[ArrayLike] = None) -> Array:
+  """The probability an exit gives a class, as the loss sees it.
+
+  ``softmax(s * (z - m[c] * onehot(c)))[c]``: the class's logit is lowered by
+  its margin before the scaled softmax. With ``margins`` None (linear heads: CE,
+  focal, CDT, logit-adjusted) it is ``softmax(s * z)[c]``; with LDAM's scale
+  and margins it is ``exp(-ldam(z, c))``, so a class with a larger margin (a
+  rarer one) must beat the others by more to be as confident.
+
+  Args:
+    logits: ``[..., C]`` scores.
+    classes: ``[...]`` integer class of each row (the label in training, the
+      prediction at inference).
+    logit_scale: scalar ``s`` (may be traced).
+    margins: optional ``[C]`` per-class margins (may be traced).
+
+  Returns:
+    ``[...]`` float32 probabilities.
+  """
+  logits = _at_least_float32(logits)
+  if margins is not None:
+    logits = _lowered_by_margin(logits, classes, margins, "class_confidence")
+  log_probs = jax.nn.log_softmax(logit_scale * logits, axis=-1)
+  return jnp.exp(jnp.take_along_axis(log_probs, classes[..., None], axis=-1)[..., 0])
+
+
 def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
-               logit_scale: ArrayLike = 1.0) -> Tuple[Array, Array]:
+               logit_scale: ArrayLike = 1.0,
+               margins: Optional[ArrayLike] = None) -> Tuple[Array, Array]:
   """Where each example exits during training, and which exits it trains.
 
   Exit ``i`` qualifies for example ``b`` when it classifies ``b`` correctly and
-  confidently: ``argmax z[i, b] == y[b]`` and ``softmax(s * z[i, b])[y[b]] > t``.
-  The example exits at the first qualifying exit, or at the last exit when none
-  qualifies, and contributes loss to every exit up to and including that one.
+  confidently: ``argmax z[i, b] == y[b]`` and
+  ``softmax(s * (z[i, b] - m[y[b]] * onehot(y[b])))[y[b]] > t``
+  (:func:`class_confidence`). The example exits at the first qualifying exit,
+  or at the last exit when none qualifies, and contributes loss to every exit
+  up to and including that one.
 
   A threshold of 1 or more never qualifies, which gives every example every
   exit (plain deep supervision).
 
-  The criterion reads the raw logits the model returns, whatever the training
-  loss does to them (CDT's temperatures, logit adjustment): the confidence a
-  training exit is judged by is the one early-exit inference uses.
+  The criterion reads the raw logits the model returns: what CDT's
+  temperatures or the logit adjustment do to them stays in the training loss,
+  and LDAM's margins enter only as ``margins``. The confidence a training exit
+  is judged by is the one early-exit inference uses.
 
   Args:
     exit_logits: ``[E, B, C]`` logits of every exit, shallow to deep.
     labels: ``[B]`` integer class indices, or ``[E, B]`` for a label per exit
       (a mixed example judged by its dominant label at the mixed exits).
     threshold: scalar confidence threshold ``t`` (may be traced).
-    logit_scale: scalar ``s`` applied before the softmax: 1 for CE and focal,
-      the LDAM scale for cosine heads. No margin is applied.
+    logit_scale: scalar ``s`` applied before the softmax: 1 for linear heads,
+      the LDAM scale for cosine heads.
+    margins: optional ``[C]`` class margins ``m`` (LDAM's, for cosine heads:
+      the confidence is then ``exp(-ldam loss)``); None: no margin.
 
   Returns:
     ``(masks, exit_index)``: ``masks`` ``[E, B]`` float32 with
@@ -225,10 +256,9 @@ def exit_masks(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
   _check_exit_inputs(exit_logits, labels, per_exit_labels=True)
   num_exits = exit_logits.shape[0]
   logits = jax.lax.stop_gradient(_at_least_float32(exit_logits))
-  log_probs = jax.nn.log_softmax(logit_scale * logits, axis=-1)
   label_index = jnp.broadcast_to(labels, logits.shape[:2])
-  confidence = jnp.exp(
-      jnp.take_along_axis(log_probs, label_index[..., None], axis=-1)[..., 0])
+  confidence = class_confidence(logits, label_index, logit_scale=logit_scale,
+                                margins=margins)
   correct = jnp.argmax(logits, axis=-1) == label_index
   qualifies = correct & (confidence > threshold)
   # The last exit always takes whoever is left.
@@ -242,7 +272,8 @@ def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
              loss_fn: LossFn = cross_entropy,
              class_weights: Optional[ArrayLike] = None,
              where: Optional[Array] = None,
-             logit_scale: ArrayLike = 1.0) -> Array:
+             logit_scale: ArrayLike = 1.0,
+             margins: Optional[ArrayLike] = None) -> Array:
   """Hardness-aware re-weighted loss over all exits, as a weighted mean.
 
   ``L = sum_b v[b] w[y[b]] sum_i m[i,b] l(z[i,b], y[b]) / sum_b v[b] w[y[b]]``
@@ -266,13 +297,14 @@ def har_loss(exit_logits: Array, labels: Array, *, threshold: ArrayLike,
       DRW weights switched on by the step).
     where: optional ``[B]`` validity mask (bool or 0/1) for padded examples.
     logit_scale: scale of the confidence softmax, see :func:`exit_masks`.
+    margins: optional class margins of the confidence, see :func:`exit_masks`.
 
   Returns:
     Scalar float32 loss.
   """
   _check_exit_inputs(exit_logits, labels, class_weights=class_weights, where=where)
   masks, _ = exit_masks(exit_logits, labels, threshold=threshold,
-                        logit_scale=logit_scale)
+                        logit_scale=logit_scale, margins=margins)
   per_exit_loss = jax.vmap(loss_fn, in_axes=(0, None))(exit_logits, labels)  # [E, B]
   return _masked_weighted_mean(per_exit_loss, masks,
                                _example_weights(labels, class_weights, where))
@@ -289,7 +321,8 @@ def mixed_har_loss(exit_logits: Array, labels: Array, partner_labels: Array,
                    label_weights: ArrayLike, *, threshold: ArrayLike,
                    loss_fn: LossFn = cross_entropy,
                    class_weights: Optional[ArrayLike] = None,
-                   logit_scale: ArrayLike = 1.0) -> Array:
+                   logit_scale: ArrayLike = 1.0,
+                   margins: Optional[ArrayLike] = None) -> Array:
   """:func:`har_loss` of mixed examples (mixup, manifold mixup).
 
   Example b's target at exit i is ``y[b]`` with weight ``lam[i, b]`` and
@@ -301,8 +334,8 @@ def mixed_har_loss(exit_logits: Array, labels: Array, partner_labels: Array,
   with one set of masks ``m``, from :func:`exit_masks` with each exit's
   dominant label (:func:`dominant_labels`). With the masks fixed this is the
   ``lam``-combination of two HAR losses, as mixup's loss is of two plain ones;
-  with ``lam = 1`` it is :func:`har_loss`. The exit criterion, like
-  :func:`har_loss`'s, uses the raw logits.
+  with ``lam = 1`` it is :func:`har_loss`. The exit criterion is
+  :func:`har_loss`'s.
 
   Args:
     exit_logits: ``[E, B, C]`` logits of every exit, shallow to deep.
@@ -311,7 +344,8 @@ def mixed_har_loss(exit_logits: Array, labels: Array, partner_labels: Array,
     label_weights: ``[E, B]`` (or broadcastable, e.g. a scalar) weight of
       ``labels`` in each exit's target, in ``[0, 1]``; 1 at exits that saw
       clean features.
-    threshold, loss_fn, class_weights, logit_scale: as in :func:`har_loss`.
+    threshold, loss_fn, class_weights, logit_scale, margins: as in
+      :func:`har_loss`.
 
   Returns:
     Scalar float32 loss.
@@ -321,7 +355,8 @@ def mixed_har_loss(exit_logits: Array, labels: Array, partner_labels: Array,
   own_weight = jnp.broadcast_to(jnp.asarray(label_weights, jnp.float32),
                                 jnp.shape(exit_logits)[:2])
   masks, _ = exit_masks(exit_logits, dominant_labels(labels, partner_labels, own_weight),
-                        threshold=threshold, logit_scale=logit_scale)
+                        threshold=threshold, logit_scale=logit_scale,
+                        margins=margins)
   loss = 0.0
   for targets, weight in ((labels, own_weight), (partner_labels, 1.0 - own_weight)):
     per_exit_loss = jax.vmap(loss_fn, in_axes=(0, None))(exit_logits, targets)
@@ -369,6 +404,14 @@ def _class_vector(values: ArrayLike, logits: Array, caller: str, name: str) -> A
         f"{caller}: {name} must have shape [C] = ({num_classes},) to match the "
         f"logits {jnp.shape(logits)}; got {values.shape}.")
   return values
+
+
+def _lowered_by_margin(logits: Array, classes: Array, margins: ArrayLike,
+                       caller: str) -> Array:
+  """``logits - margins[c] * onehot(c)`` for the class ``c`` of each row."""
+  margins = _class_vector(margins, logits, caller, "margins").astype(logits.dtype)
+  onehot = jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype)
+  return logits - margins[classes][..., None] * onehot
 
 
 def _positive_counts(class_counts: ArrayLike, caller: str) -> np.ndarray:

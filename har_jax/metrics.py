@@ -147,3 +147,45 @@ def evaluation_summary(computed: Mapping[str, Any], shot_groups: Sequence[int],
   spent = float(np.dot(exit_fraction, np.asarray(exit_flops, np.float64)))
   summary["flops_saving"] = 1.0 - spent / float(backbone_flops)
   return summary
+
+
+# A deeper exit alone this much (a fraction) below a shallower one is starved.
+# Measured (experiments/har_ldam_study.py): starved runs fall 29-50 points; a
+# healthy HAR run's last exit, which trains on the hard examples only, may
+# trail an earlier one by a few points (8 in one HAR(CE) run at imbalance 100).
+STARVED_EXIT_DROP = 0.10
+
+
+def starved_exits_warning(per_exit_accuracy: Sequence[float], *,
+                          drop: float = STARVED_EXIT_DROP,
+                          advice: str = "Make the training exits stricter (a higher "
+                                        "har_threshold) or set har=False."
+                          ) -> Optional[str]:
+  """One line when a deeper exit alone is much less accurate than a shallower one.
+
+  With HAR a deeper exit trains only on the examples that earlier exits did not
+  take; when nearly all of them leave early, the deep exits starve. The last
+  exit is the full network, so it should be the most accurate one.
+
+  Args:
+    per_exit_accuracy: ``[E]`` test accuracy of each exit alone, shallow to deep.
+    drop: how far (a fraction) below the best shallower exit counts as starved.
+    advice: what to change, the end of the line.
+
+  Returns:
+    The warning, naming the worst deeper exit and what to change, or None.
+  """
+  accuracy = np.asarray(per_exit_accuracy, np.float64)
+  worst = None  # (shortfall, deeper exit, shallower exit)
+  for deeper in range(1, accuracy.size):
+    shallower = int(np.argmax(accuracy[:deeper]))
+    shortfall = accuracy[shallower] - accuracy[deeper]
+    if shortfall > drop and (worst is None or shortfall > worst[0]):
+      worst = (shortfall, deeper, shallower)
+  if worst is None:
+    return None
+  shortfall, deeper, shallower = worst
+  return (f"starved deep exits: exit {deeper} alone is {accuracy[deeper]:.3f}, "
+          f"{100 * shortfall:.1f} points below exit {shallower} "
+          f"({accuracy[shallower]:.3f}): too many training examples leave early. "
+          f"{advice}")

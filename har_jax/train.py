@@ -283,7 +283,8 @@ def make_loss(config: ml_collections.ConfigDict, class_counts, steps_per_epoch: 
   each exit judged by the dominant label, the exits before the mixing
   boundary by the clean one). MFW keeps every label: the plain loss."""
   base = base_loss_fn(config, class_counts)
-  scale = config_lib.logit_scale(config)
+  # How an exit's confidence is measured (LDAM: its scale and margins).
+  confidence = config_lib.exit_confidence(config, class_counts)
   # A threshold of 1 never qualifies an exit: every exit trains on everything.
   threshold = config.har_threshold if config.har else 1.0
   class_weights_at = make_drw_weights(config, class_counts, steps_per_epoch)
@@ -291,9 +292,9 @@ def make_loss(config: ml_collections.ConfigDict, class_counts, steps_per_epoch: 
   def plain(exit_logits, labels, mixing, step):
     del mixing  # none, or MFW's, which keeps the labels
     value = losses.har_loss(exit_logits, labels, threshold=threshold, loss_fn=base,
-                            class_weights=class_weights_at(step), logit_scale=scale)
+                            class_weights=class_weights_at(step), **confidence)
     _, exit_index = losses.exit_masks(exit_logits, labels, threshold=threshold,
-                                      logit_scale=scale)
+                                      **confidence)
     return value, exit_index
 
   def mixed(exit_logits, labels, mixing, step):
@@ -301,10 +302,10 @@ def make_loss(config: ml_collections.ConfigDict, class_counts, steps_per_epoch: 
     label_weights = mixing.exit_label_weights(exit_positions)
     value = losses.mixed_har_loss(exit_logits, labels, partner_labels, label_weights,
                                   threshold=threshold, loss_fn=base,
-                                  class_weights=class_weights_at(step), logit_scale=scale)
+                                  class_weights=class_weights_at(step), **confidence)
     _, exit_index = losses.exit_masks(
         exit_logits, losses.dominant_labels(labels, partner_labels, label_weights),
-        threshold=threshold, logit_scale=scale)
+        threshold=threshold, **confidence)
     return value, exit_index
   return mixed if config.mixing in mixing_lib.LABEL_MIXINGS else plain
 
@@ -377,9 +378,10 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: 
 
 def make_eval_step(config: ml_collections.ConfigDict, model: models.ResNet,
                  data: Any) -> Callable:
-  """``(state, batch) -> EvalMetrics``: early-exit inference on the raw logits."""
+  """``(state, batch) -> EvalMetrics``: early-exit inference on the raw logits
+  with the run's exit confidence (``config.exit_confidence``)."""
   mean, std, num_classes = data.mean, data.std, data.num_classes
-  scale = config_lib.logit_scale(config)
+  confidence = config_lib.exit_confidence(config, data.class_counts)
   exit_threshold = config_lib.inference_threshold(config)
 
   def eval_step(state: TrainState, batch: dict):
@@ -388,7 +390,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model: models.ResNet,
                               images, train=False)
     labels, mask = batch["labels"], batch["mask"]
     predictions, exit_index = early_exit.predict(
-        exit_logits, threshold=exit_threshold, logit_scale=scale)
+        exit_logits, threshold=exit_threshold, **confidence)
     return metrics_lib.EvalMetrics.single_from_model_output(
         correct=predictions == labels, mask=mask,
         labels_onehot=jax.nn.one_hot(labels, num_classes),
@@ -712,7 +714,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, claimed: workdir_lib.
   writer.close()
   if jax.process_index() == 0:
     workdir_lib.write_json(summary_path, summary)
+    warn_if_exits_starved(config, summary)
   return summary
+
+
+def warn_if_exits_starved(config: ml_collections.ConfigDict,
+                          summary: dict) -> Optional[str]:
+  """Logs one warning line, and returns it, when a HAR run's deeper exit alone is
+  much worse than a shallower one (``metrics.starved_exits_warning``)."""
+  if not config.har:
+    return None
+  warning = metrics_lib.starved_exits_warning(
+      summary["per_exit_accuracy"], advice=config_lib.starved_exits_advice(config))
+  if warning:
+    logging.warning("%s", warning)
+  return warning
 
 
 def _check_finite(step: int, step_metrics: metrics_lib.TrainMetrics) -> None:

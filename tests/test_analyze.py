@@ -19,6 +19,7 @@ import runs
 EXPERIMENTS = os.path.join(runs.REPO, "experiments")
 sys.path.insert(0, EXPERIMENTS)
 import analyze  # pylint: disable=g-import-not-at-top,wrong-import-position
+import har_ldam_study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PLOTS = ("exit_by_class.png", "exit_by_group.png", "per_exit_accuracy.png",
          "accuracy_flops.png", "class_accuracy.png")
@@ -226,3 +227,28 @@ def test_benchmark_reports_json(workdir):
   assert report["images_per_sec_full"] > 0 and report["images_per_sec_cascade"] > 0
   assert report["compiles"] >= 3 and report["compiles_while_timed"] == 0
   assert report["threshold"] == 0.9 and report["batch_size"] == 100
+
+
+def test_har_ldam_study_reads_a_run_back(workdir):
+  record = har_ldam_study.study_run(workdir)
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    summary = json.load(f)
+  for field in ("accuracy", "per_exit_accuracy", "exit_fraction", "flops_saving"):
+    assert record[field] == summary[field], field
+  # Logged every 8 of the 24 steps; each window's exit fractions sum to 1.
+  fractions = record["train_exit_fraction"]
+  assert sorted(fractions) == [8, 16, 24]
+  np.testing.assert_allclose([sum(row) for row in fractions.values()], 1.0, rtol=1e-5)
+  calibrated = record["inference"][
+      "own confidence, threshold calibrated on validation (1 point)"]
+  assert 0.0 <= calibrated["threshold"] <= 1.0
+
+
+def test_calibrated_temperature_recovers_the_labels_temperature():
+  rng = np.random.default_rng(0)
+  logits = rng.uniform(-1.0, 1.0, size=(20000, 10))
+  scaled = 8.0 * logits
+  probabilities = np.exp(scaled) / np.exp(scaled).sum(axis=1, keepdims=True)
+  labels = np.array([rng.choice(10, p=p) for p in probabilities])
+  assert har_ldam_study.calibrated_temperature(logits, labels) == pytest.approx(8.0,
+                                                                                rel=0.06)

@@ -9,28 +9,43 @@ from har_jax import early_exit
 from har_jax import models
 
 
-def ref_predict(exit_logits, threshold, scale=1.0):
+# LDAM margins of 7 classes (0.5 * n_j**-0.25 / max), written out.
+MARGINS = 0.5 * np.array([400, 200, 90, 40, 20, 9, 4]) ** -0.25 / 4 ** -0.25
+
+
+def ref_confidence(logits, scale=1.0, margins=None):
+  """Confidence of one row in its prediction c: softmax(s (z - m_c e_c))[c]."""
+  z = np.array(logits, np.float64)
+  c = int(np.argmax(z))
+  if margins is not None:
+    z[c] -= margins[c]
+  z = scale * z
+  p = np.exp(z - z.max())
+  return p[c] / p.sum()
+
+
+def ref_predict(exit_logits, threshold, scale=1.0, margins=None):
   num_exits, batch, _ = exit_logits.shape
   predictions, exits = [], []
   for b in range(batch):
     for i in range(num_exits):
-      z = scale * exit_logits[i, b].astype(np.float64)
-      p = np.exp(z - z.max())
-      p /= p.sum()
-      if p.max() > threshold or i == num_exits - 1:
+      confidence = ref_confidence(exit_logits[i, b], scale, margins)
+      if confidence > threshold or i == num_exits - 1:
         predictions.append(int(np.argmax(exit_logits[i, b])))
         exits.append(i)
         break
   return np.array(predictions), np.array(exits)
 
 
-@pytest.mark.parametrize("threshold,scale", [(0.0, 1.0), (0.5, 1.0), (0.9, 1.0),
-                                             (1.0, 1.0), (0.8, 30.0)])
-def test_predict_matches_reference(threshold, scale):
+@pytest.mark.parametrize("threshold,scale,margins", [
+    (0.0, 1.0, None), (0.5, 1.0, None), (0.9, 1.0, None), (1.0, 1.0, None),
+    (0.8, 30.0, None), (0.8, 30.0, MARGINS), (0.5, 10.0, MARGINS)])
+def test_predict_matches_reference(threshold, scale, margins):
   rng = np.random.default_rng(0)
   z = rng.normal(size=(4, 200, 7)).astype(np.float32) * (2.0 if scale == 1 else 0.1)
-  predictions, exits = early_exit.predict(z, threshold=threshold, logit_scale=scale)
-  want_predictions, want_exits = ref_predict(z, threshold, scale)
+  predictions, exits = early_exit.predict(z, threshold=threshold, logit_scale=scale,
+                                          margins=margins)
+  want_predictions, want_exits = ref_predict(z, threshold, scale, margins)
   np.testing.assert_array_equal(exits, want_exits)
   np.testing.assert_array_equal(predictions, want_predictions)
   if threshold == 0.0:
@@ -62,10 +77,12 @@ def test_power_of_two_bucket():
 # Cascaded inference on random networks: confidences are spread out, so
 # thresholds at their quantiles send examples to every exit.
 _CASCADE_MODELS = {
-    "linear": (dict(exits="CEBEBEBE", head="linear"), 1.0),
+    "linear": (dict(exits="CEBEBEBE", head="linear"), dict(logit_scale=1.0)),
     # Cosine logits in [-1, 1]; at the LDAM scale (30) a random network is
     # certain everywhere, so a smaller scale keeps the thresholds informative.
-    "normed": (dict(exits="CBEBEBE", head="normed"), 5.0),
+    # With LDAM's margins, as a cosine head's confidences have by default.
+    "normed": (dict(exits="CBEBEBE", head="normed"),
+               dict(logit_scale=5.0, margins=MARGINS)),
 }
 
 
@@ -94,7 +111,7 @@ def _random_variables(model, images, seed):
 
 @pytest.fixture(scope="module", params=sorted(_CASCADE_MODELS))
 def cascade_setup(request):
-  kwargs, scale = _CASCADE_MODELS[request.param]
+  kwargs, confidence = _CASCADE_MODELS[request.param]
   model = models.resnet8(7, **kwargs)
   images = np.random.default_rng(1).normal(size=(32, 8, 8, 1)).astype(np.float32)
   variables = _random_variables(model, images, seed=2)
@@ -102,14 +119,14 @@ def cascade_setup(request):
       variables, images))
   # A large smallest bucket keeps the number of programs (about a second each to
   # compile) small; batches 1 and 13 are still padded.
-  cascade = early_exit.Cascade(model, variables, logit_scale=scale, min_bucket=16)
-  return model, variables, images, exit_logits, scale, cascade
+  cascade = early_exit.Cascade(model, variables, **confidence, min_bucket=16)
+  return model, variables, images, exit_logits, confidence, cascade
 
 
-def _quantile_thresholds(exit_logits, scale):
-  z = scale * exit_logits[:-1].astype(np.float64)
-  p = np.exp(z - z.max(-1, keepdims=True))
-  confidence = np.unique((p / p.sum(-1, keepdims=True)).max(-1))
+def _quantile_thresholds(exit_logits, confidence):
+  confidence = np.unique([
+      ref_confidence(row, confidence["logit_scale"], confidence.get("margins"))
+      for row in exit_logits[:-1].reshape(-1, exit_logits.shape[-1])])
   # Midway between two confidences, so that rounding cannot decide an exit.
   middles = [(confidence[k] + confidence[k + 1]) / 2
              for k in (int(q * (confidence.size - 1)) for q in (0.2, 0.5, 0.8))]
@@ -118,14 +135,16 @@ def _quantile_thresholds(exit_logits, scale):
 
 @pytest.mark.parametrize("batch", [1, 13, 32])
 def test_cascade_matches_predict(cascade_setup, batch):
-  model, _, images, exit_logits, scale, cascade = cascade_setup
+  model, _, images, exit_logits, confidence, cascade = cascade_setup
   num_exits = model.num_exits
   used_exits = set()
-  for threshold in _quantile_thresholds(exit_logits, scale):
+  for threshold in _quantile_thresholds(exit_logits, confidence):
     predictions, exits = cascade(images[:batch], threshold=threshold)
     want_predictions, want_exits = early_exit.predict(
-        exit_logits[:, :batch], threshold=threshold, logit_scale=scale)
-    ref_predictions, ref_exits = ref_predict(exit_logits[:, :batch], threshold, scale)
+        exit_logits[:, :batch], threshold=threshold, **confidence)
+    ref_predictions, ref_exits = ref_predict(
+        exit_logits[:, :batch], threshold, confidence["logit_scale"],
+        confidence.get("margins"))
     np.testing.assert_array_equal(exits, want_exits, err_msg=f"threshold {threshold}")
     np.testing.assert_array_equal(predictions, want_predictions,
                                   err_msg=f"threshold {threshold}")
@@ -136,16 +155,13 @@ def test_cascade_matches_predict(cascade_setup, batch):
     if threshold == 1.0:
       assert np.all(exits == num_exits - 1)
     used_exits.update(exits.tolist())
-  # The linear network sends examples everywhere; the cosine one's exit 1 is
-  # never more confident than its exit 0, so no threshold stops there.
-  reachable = set(range(num_exits)) if num_exits == 4 else {0, num_exits - 1}
   if batch == 32:
-    assert used_exits == reachable, "the thresholds should use these exits"
+    assert used_exits == set(range(num_exits)), "the thresholds should use every exit"
 
 
 def test_cascade_compiles_each_shape_once(cascade_setup):
-  model, _, images, exit_logits, scale, cascade = cascade_setup
-  for threshold in _quantile_thresholds(exit_logits, scale):
+  model, _, images, exit_logits, confidence, cascade = cascade_setup
+  for threshold in _quantile_thresholds(exit_logits, confidence):
     for batch in (3, 32):
       cascade(images[:batch], threshold=threshold)
   shapes = cascade.compiled_shapes
@@ -170,18 +186,20 @@ def test_cascade_empty_batch(cascade_setup):
   assert predictions.shape == exits.shape == (0,)
 
 
-def ref_curve(exit_logits, labels, thresholds, exit_flops, backbone, scale):
+def ref_curve(exit_logits, labels, thresholds, exit_flops, backbone, scale,
+              margins=None):
   rows = []
   for threshold in sorted(thresholds):
-    predictions, exits = ref_predict(exit_logits, threshold, scale)
+    predictions, exits = ref_predict(exit_logits, threshold, scale, margins)
     spent = np.mean([exit_flops[i] for i in exits])
     rows.append((np.mean(predictions == labels), 1 - spent / backbone,
                  [np.mean(exits == i) for i in range(len(exit_flops))]))
   return rows
 
 
-@pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_threshold_curve_matches_brute_force(scale):
+@pytest.mark.parametrize("scale,margins", [(1.0, None), (30.0, None),
+                                           (30.0, MARGINS[:5])])
+def test_threshold_curve_matches_brute_force(scale, margins):
   rng = np.random.default_rng(4)
   z = rng.normal(size=(3, 300, 5)).astype(np.float32) * (2.0 if scale == 1 else 0.1)
   labels = rng.integers(0, 5, 300).astype(np.int32)
@@ -190,8 +208,8 @@ def test_threshold_curve_matches_brute_force(scale):
   thresholds = [0.9, 0.0, 0.5, 0.7, 0.95, 1.0, 0.3]
   exit_flops, backbone = [30.0, 70.0, 110.0], 100.0
   curve = early_exit.threshold_curve(z, labels, thresholds, exit_flops, backbone,
-                                     logit_scale=scale)
-  want = ref_curve(z, labels, thresholds, exit_flops, backbone, scale)
+                                     logit_scale=scale, margins=margins)
+  want = ref_curve(z, labels, thresholds, exit_flops, backbone, scale, margins)
   np.testing.assert_array_equal(curve.thresholds, sorted(thresholds))
   np.testing.assert_allclose(curve.accuracy, [w[0] for w in want], atol=1e-12)
   np.testing.assert_allclose(curve.flops_saving, [w[1] for w in want], atol=1e-12)

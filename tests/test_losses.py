@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from har_jax import config as config_lib
 from har_jax import losses
+
+import runs
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -36,6 +39,16 @@ def ref_ldam(z, y, margins, scale):
   for b in range(len(y)):
     z[b, y[b]] -= margins[y[b]]
   return ref_ce(scale * z, y)
+
+
+def ref_confidence(z, y, scale=1.0, margins=None):
+  """softmax(s * (z - m_y onehot(y)))[y] of each row, from the definition."""
+  z = np.array(z, np.float64)
+  for b in range(len(y)):
+    if margins is not None:
+      z[b, y[b]] -= margins[y[b]]
+  p = np.exp(ref_log_softmax(scale * z))
+  return np.array([p[b, y[b]] for b in range(len(y))])
 
 
 def ref_cdt(z, y, counts, gamma):
@@ -67,7 +80,7 @@ def numeric_grad(f, z, step=1e-6):
   return grad
 
 
-def ref_exit_index(exit_logits, y, threshold, scale=1.0):
+def ref_exit_index(exit_logits, y, threshold, scale=1.0, margins=None):
   """y: [B], or [E, B] for a label per exit."""
   num_exits, batch, _ = exit_logits.shape
   y = np.broadcast_to(y, (num_exits, batch))
@@ -75,22 +88,23 @@ def ref_exit_index(exit_logits, y, threshold, scale=1.0):
   for b in range(batch):
     chosen = num_exits - 1
     for i in range(num_exits):
-      p = np.exp(ref_log_softmax(scale * exit_logits[i, b]))
-      if np.argmax(exit_logits[i, b]) == y[i, b] and p[y[i, b]] > threshold:
+      p = ref_confidence(exit_logits[i, b][None], y[i, b:b + 1], scale, margins)[0]
+      if np.argmax(exit_logits[i, b]) == y[i, b] and p > threshold:
         chosen = i
         break
     index.append(chosen)
   return np.array(index)
 
 
-def ref_mixed_har_loss(exit_logits, y, y2, lam, threshold, weights=None):
+def ref_mixed_har_loss(exit_logits, y, y2, lam, threshold, weights=None, scale=1.0,
+                       margins=None):
   """Each exit's target: y with weight lam[i, b], y2 with 1 - lam[i, b]; the
   exit judged by the heavier label; each label's term a weighted mean."""
   num_exits, batch, num_classes = exit_logits.shape
   weights = np.ones(num_classes) if weights is None else np.asarray(weights)
   lam = np.broadcast_to(np.asarray(lam, np.float64), (num_exits, batch))
   dominant = np.where(lam >= 0.5, y[None], y2[None])
-  k = ref_exit_index(exit_logits, dominant, threshold)
+  k = ref_exit_index(exit_logits, dominant, threshold, scale, margins)
   total = 0.0
   for labels, share in ((y, lam), (y2, 1 - lam)):
     numerator = 0.0
@@ -103,11 +117,11 @@ def ref_mixed_har_loss(exit_logits, y, y2, lam, threshold, weights=None):
 
 
 def ref_har_loss(exit_logits, y, threshold, base=ref_ce, weights=None,
-                 valid=None, scale=1.0):
+                 valid=None, scale=1.0, margins=None):
   num_exits, batch, num_classes = exit_logits.shape
   weights = np.ones(num_classes) if weights is None else np.asarray(weights)
   valid = np.ones(batch) if valid is None else np.asarray(valid, np.float64)
-  k = ref_exit_index(exit_logits, y, threshold, scale)
+  k = ref_exit_index(exit_logits, y, threshold, scale, margins)
   per_exit = np.stack([base(exit_logits[i], y) for i in range(num_exits)])
   numerator = denominator = 0.0
   for b in range(batch):
@@ -331,6 +345,75 @@ def test_exit_masks_match_reference_on_random_logits(threshold, scale):
   np.testing.assert_array_equal(index, ref_exit_index(z, y, threshold, scale))
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0, 30.0])
+def test_class_confidence_matches_reference(scale):
+  z, y = random_problem(13, num_exits=1, batch=64, num_classes=6)
+  z = np.tanh(z[0])  # cosine-like logits
+  margins = np.asarray(losses.ldam_margins([600, 300, 100, 40, 10, 3]))
+  for m in (None, margins):
+    np.testing.assert_allclose(
+        losses.class_confidence(z, y, logit_scale=scale, margins=m),
+        ref_confidence(z, y, scale, m), rtol=1e-5, atol=1e-7)
+  # With margins it is the probability of the LDAM loss: exp(-ldam).
+  np.testing.assert_allclose(
+      losses.class_confidence(z, y, logit_scale=scale, margins=margins),
+      np.exp(-ref_ldam(z, y, margins, scale)), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("threshold,scale", [(0.5, 10.0), (0.9, 30.0), (0.99, 30.0)])
+def test_exit_masks_with_margins_match_reference(threshold, scale):
+  z, y = random_problem(14, num_exits=4, batch=96, num_classes=6)
+  z = np.tanh(z / 2.0)
+  margins = np.asarray(losses.ldam_margins([600, 300, 100, 40, 10, 3]))
+  _, index = losses.exit_masks(z, y, threshold=threshold, logit_scale=scale,
+                               margins=margins)
+  want = ref_exit_index(z, y, threshold, scale, margins)
+  np.testing.assert_array_equal(index, want)
+  # The margin makes exits stricter: no example leaves earlier than without it.
+  _, without = losses.exit_masks(z, y, threshold=threshold, logit_scale=scale)
+  assert np.all(np.asarray(index) >= np.asarray(without))
+  assert np.any(np.asarray(index) > np.asarray(without)), "margins must matter here"
+
+
+def test_default_ldam_exit_confidence_is_exp_of_minus_the_ldam_loss():
+  """The definition chosen in issue 19, pinned: with loss=ldam an exit takes an
+  example when it is right and exp(-LDAM loss) > t, the loss at LDAM's scale 30
+  with the class margins 0.5 * (n_j / n_min)**(-1/4); at inference the same with
+  the predicted class in place of the label. Linear heads keep softmax(z)."""
+  from har_jax import early_exit  # pylint: disable=g-import-not-at-top
+  config = runs.default_config()
+  config.loss = "ldam"
+  counts = np.array([114, 70, 43, 26, 16, 10])
+  confidence = config_lib.exit_confidence(config, counts)
+  margins = 0.5 * (counts / counts.min()) ** -0.25
+  z, y = random_problem(15, num_exits=3, batch=128, num_classes=6)
+  z = np.tanh(z / 2.0)
+  threshold = config.har_threshold
+  want = np.full(len(y), 2)
+  for b in range(len(y)):
+    for i in range(3):
+      loss = ref_ldam(z[i, b][None], y[b:b + 1], margins, 30.0)[0]
+      if np.argmax(z[i, b]) == y[b] and np.exp(-loss) > threshold:
+        want[b] = i
+        break
+  _, index = losses.exit_masks(z, y, threshold=threshold, **confidence)
+  np.testing.assert_array_equal(index, want)
+  assert len(set(want.tolist())) == 3, "the problem should use every exit"
+  # Inference: exp(-LDAM loss) of the predicted class.
+  want_exits = np.full(len(y), 2)
+  for b in range(len(y)):
+    for i in range(2):
+      c = np.argmax(z[i, b])
+      if np.exp(-ref_ldam(z[i, b][None], [c], margins, 30.0)[0]) > threshold:
+        want_exits[b] = i
+        break
+  _, exits = early_exit.predict(z, threshold=threshold, **confidence)
+  np.testing.assert_array_equal(exits, want_exits)
+  # Linear heads judge the raw logits, whatever their loss does to them.
+  for loss in ("ce", "focal", "cdt", "logit_adjusted"):
+    config.loss = loss
+    assert config_lib.exit_confidence(config, counts) == {"logit_scale": 1.0,
+                                                          "margins": None}, loss
 def test_exit_masks_take_a_label_per_exit():
   z, y = random_problem(21, num_exits=3, batch=64)
   other = np.random.default_rng(21).integers(0, z.shape[-1], size=y.shape).astype(np.int32)
@@ -365,11 +448,13 @@ def test_har_loss_on_constructed_exits_with_ldam_and_focal():
   z = np.tanh(z / 4.0)
   counts = [50, 40, 30, 20, 10, 5]
   margins = np.asarray(losses.ldam_margins(counts))
-  got = losses.har_loss(z, y, threshold=0.8, logit_scale=30.0,
-                        loss_fn=functools.partial(losses.ldam, margins=margins))
-  want = ref_har_loss(z, y, 0.8, scale=30.0,
-                      base=lambda zz, yy: ref_ldam(zz, yy, margins, 30.0))
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  ldam = functools.partial(losses.ldam, margins=margins)
+  for m in (None, margins):
+    got = losses.har_loss(z, y, threshold=0.8, logit_scale=30.0, margins=m,
+                          loss_fn=ldam)
+    want = ref_har_loss(z, y, 0.8, scale=30.0, margins=m,
+                        base=lambda zz, yy: ref_ldam(zz, yy, margins, 30.0))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   got = losses.har_loss(z, y, threshold=0.3,
                         loss_fn=functools.partial(losses.focal, gamma=2.0))
   want = ref_har_loss(z, y, 0.3, base=lambda zz, yy: ref_focal(zz, yy, 2.0))
@@ -406,6 +491,20 @@ def test_mixed_har_loss_matches_reference(lam):
   got = losses.mixed_har_loss(z, y, y2, label_weights, threshold=0.5, class_weights=weights)
   want = ref_mixed_har_loss(z, y, y2, label_weights, 0.5, weights)
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_mixed_har_loss_judges_the_dominant_label_with_ldam_margins():
+  z, y = random_problem(27, num_exits=3, batch=48, num_classes=6)
+  z = np.tanh(z / 2.0)
+  y2 = y[np.random.default_rng(27).permutation(len(y))]
+  margins = np.asarray(losses.ldam_margins([600, 300, 100, 40, 10, 3]))
+  label_weights = np.array([[1.0], [0.3], [0.3]]) * np.ones((3, len(y)))
+  got = losses.mixed_har_loss(z, y, y2, label_weights, threshold=0.5, logit_scale=10.0,
+                              margins=margins)
+  want = ref_mixed_har_loss(z, y, y2, label_weights, 0.5, scale=10.0, margins=margins)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  without = ref_mixed_har_loss(z, y, y2, label_weights, 0.5, scale=10.0)
+  assert abs(want - without) > 1e-3, "the margins should move some exits here"
 
 
 def test_mixed_har_loss_with_own_labels_only_is_har_loss():

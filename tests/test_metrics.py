@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from har_jax import data
 from har_jax import metrics
@@ -47,3 +48,27 @@ def test_eval_metrics_and_summary_against_hand_counts():
   np.testing.assert_allclose(summary["few"], (1.0 + 2 / 3) / 2, rtol=1e-6)
   spent = (3 * 10 + 2 * 30 + 2 * 60) / 7
   np.testing.assert_allclose(summary["flops_saving"], 1 - spent / 50, rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_exit_accuracy,starved", [
+    ([0.944, 0.708, 0.632], (2, 0, 31.2)),   # HAR(LDAM) with confidences at s=30
+    ([0.80, 0.95, 0.85], (2, 1, 10.0)),      # the shallower exit need not be the first
+    ([0.90, 0.93, 0.95], None),              # deeper exits better: healthy
+    ([0.96, 0.93, 0.955], None),             # 3 points: within the tolerance
+    ([0.95], None),                          # one exit: nothing to compare
+])
+def test_starved_exits_warning_names_the_worst_deeper_exit(per_exit_accuracy, starved):
+  warning = metrics.starved_exits_warning(per_exit_accuracy, drop=0.05, advice="Do X.")
+  if starved is None:
+    assert warning is None
+    return
+  deeper, shallower, points = starved
+  assert "\n" not in warning and warning.endswith("Do X.")
+  assert f"exit {deeper} alone is {per_exit_accuracy[deeper]:.3f}" in warning
+  assert f"{points:.1f} points below exit {shallower}" in warning
+
+
+def test_starved_exits_warning_default_tolerates_a_specialised_last_exit():
+  # HAR(CE) at imbalance 100: the last exit, trained on hard examples, trails by 8.
+  assert metrics.starved_exits_warning([0.738, 0.836, 0.758]) is None
+  assert metrics.starved_exits_warning([0.828, 0.576, 0.398]) is not None

@@ -74,15 +74,18 @@ def test_train_step_loss_switches_to_drw_weights_without_recompiling(loss):
   images = augment.normalize(local["images"], data.mean, data.std)
   exit_logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
   if loss == "ldam":
-    loss_fn = functools.partial(losses.ldam, margins=losses.ldam_margins(data.class_counts))
-    scale = config.ldam_scale
+    margins = losses.ldam_margins(data.class_counts)
+    loss_fn = functools.partial(losses.ldam, margins=margins)
+    # The default exit confidence of a cosine head: exp(-LDAM loss).
+    confidence = dict(logit_scale=config.ldam_scale, margins=margins)
   else:
-    loss_fn, scale = losses.cross_entropy, 1.0
+    loss_fn, confidence = losses.cross_entropy, dict(logit_scale=1.0)
   drw = losses.class_balanced_weights(data.class_counts, config.drw_beta)
   expected = {
       step: losses.har_loss(exit_logits, local["labels"], threshold=config.har_threshold,
-                            loss_fn=loss_fn, logit_scale=scale,
-                            class_weights=drw if step >= per_epoch else None)
+                            loss_fn=loss_fn,
+                            class_weights=drw if step >= per_epoch else None,
+                            **confidence)
       for step in (0, per_epoch)}
   for step, want in expected.items():
     # The same parameters at another step: only the schedule-derived values change.
@@ -129,12 +132,26 @@ def test_native_conv_impl_needs_one_device():
     config_lib.validate(config, num_devices=1)
 
 
-def test_run_writes_summary_with_every_field(tmp_path):
+@pytest.mark.parametrize("overrides,message", [
+    (dict(exit_confidence="cosine"), "exit_confidence must be one of"),
+    (dict(exit_confidence_scale=0.0), "exit_confidence_scale.*got 0"),
+])
+def test_bad_exit_confidence_is_a_config_error(overrides, message):
+  config = runs.small_config(loss="ldam", **overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config, num_devices=1)
+
+
+def test_run_writes_summary_with_every_field(tmp_path, monkeypatch):
   config = runs.small_config()
+  checked = []  # the end of the run checks its exits for starvation
+  monkeypatch.setattr(train, "warn_if_exits_starved",
+                      lambda *args: checked.append(args))
   summary = train.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "summary.json") as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(summary))
+  assert checked == [(config, summary)]
   for field in ("accuracy", "many", "medium", "few", "per_exit_accuracy", "exit_fraction",
                 "flops_saving", "train_loss", "train_step_compiles", "steps",
                 "images_per_sec", "validation"):
@@ -185,3 +202,25 @@ def test_resident_step_trains_on_the_batches_the_host_would_gather():
     for a, b in zip(jax.tree.leaves(sharding.to_host(state.params)),
                     jax.tree.leaves(sharding.to_host(host_state.params))):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss,exit_confidence,advice", [
+    ("ldam", "softmax", "exit_confidence=margin"),
+    ("ldam", "margin", "exit_confidence_scale"),
+    ("ce", "margin", "har_threshold"),
+])
+def test_end_of_run_warns_of_starved_deep_exits(monkeypatch, loss, exit_confidence,
+                                               advice):
+  config = runs.default_config()
+  config.update(loss=loss, exit_confidence=exit_confidence)
+  logged = []
+  monkeypatch.setattr(train.logging, "warning", lambda *args: logged.append(args))
+  planted = {"per_exit_accuracy": [0.944, 0.708, 0.632]}
+  warning = train.warn_if_exits_starved(config, planted)
+  assert logged == [("%s", warning)] and "exit 2 alone is 0.632" in warning
+  assert advice in warning
+  healthy = {"per_exit_accuracy": [0.9, 0.94, 0.95]}
+  assert train.warn_if_exits_starved(config, healthy) is None
+  config.har = False  # deep supervision: no exit takes examples away from another
+  assert train.warn_if_exits_starved(config, planted) is None
+  assert len(logged) == 1
