@@ -44,18 +44,17 @@ from har_jax import early_exit
 from har_jax import metrics
 from har_jax import models
 from har_jax.data import long_tail
+from har_jax.metrics import per_class_accuracy
+from har_jax.metrics import per_exit_accuracy
 import trained_run
 
 USAGE_ERROR = 2
-# Thresholds of the accuracy-FLOPs curve: a uniform grid, and finer steps near 1,
-# where a well-trained network's confidences crowd.
-DEFAULT_THRESHOLDS = np.unique(np.concatenate(
-    [np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-6, -2, 9)]))
+DEFAULT_THRESHOLDS = early_exit.CALIBRATION_THRESHOLDS
 
 _OUTPUT = flags.DEFINE_string("output", None,
                               "Where to write; default WORKDIR/analysis.")
 _MAX_ACCURACY_DROP = flags.DEFINE_float(
-    "max_accuracy_drop", 0.01, "Calibrate the threshold that saves the most FLOPs "
+    "max_accuracy_drop", early_exit.DEFAULT_MAX_ACCURACY_DROP, "Calibrate the threshold that saves the most FLOPs "
     "on the validation split within this accuracy drop (a fraction) from the last "
     "exit; negative: skip.")
 _FLOPS_BUDGET = flags.DEFINE_float(
@@ -96,20 +95,6 @@ def exit_fraction_by_group(exit_index: np.ndarray, labels: np.ndarray,
   return exit_fraction_by_class(exit_index, example_group, 3, num_exits)
 
 
-def per_exit_accuracy(exit_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """``[E]`` accuracy of each exit's own prediction on every example."""
-  return (np.argmax(exit_logits, axis=-1) == np.asarray(labels)[None]).mean(axis=1)
-
-
-def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray,
-                       num_classes: int) -> np.ndarray:
-  """``[C]`` accuracy on the examples of each class (NaN for a class without any)."""
-  correct = np.bincount(labels, weights=predictions == labels, minlength=num_classes)
-  total = np.bincount(labels, minlength=num_classes)
-  with np.errstate(invalid="ignore"):
-    return correct / total
-
-
 def _curve_dict(curve) -> dict:
   return {"thresholds": curve.thresholds.tolist(), "accuracy": curve.accuracy.tolist(),
           "flops_saving": curve.flops_saving.tolist(),
@@ -131,7 +116,8 @@ def analysis_numbers(test_logits: np.ndarray, test_labels: np.ndarray, *,
                      margins: Optional[Sequence[float]] = None,
                      class_names: Optional[Sequence[str]] = None,
                      thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                     max_accuracy_drop: Optional[float] = 0.01,
+                     max_accuracy_drop: Optional[float] = (
+                         early_exit.DEFAULT_MAX_ACCURACY_DROP),
                      flops_budget: Optional[float] = None) -> dict:
   """Everything the report shows, from the exit logits of the evaluation splits.
 

@@ -2,7 +2,8 @@
 
 Shared by the scripts in this folder that study a finished run
 (``early_exit_benchmark.py``, ``analyze.py``). The run's config is the
-``config.json`` that ``har_jax.main`` writes into every workdir.
+``config.json`` that ``har_jax.main`` writes into every workdir. A second stage's
+folder (``RUN/decoupled/METHOD``, har_jax/decouple.py) is a run like any other.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from har_jax import checkpoint
 from har_jax import config as config_lib
 from har_jax import models
 from har_jax import sharding
@@ -55,7 +55,10 @@ class TrainedRun:
 
   @property
   def threshold(self) -> float:
-    """The run's inference exit threshold."""
+    """The run's inference exit threshold: its summary's (a second stage
+    re-calibrates it, har_jax/decouple.py), else its config's."""
+    if self.summary is not None and "exit_threshold" in self.summary:
+      return float(self.summary["exit_threshold"])
     return config_lib.inference_threshold(self.config)
 
   def exit_logits_fn(self):
@@ -103,19 +106,12 @@ def load_run(workdir: str) -> TrainedRun:
                    f"folders whose training split fits image_folder_memory_mb.")
   model = config_lib.create_model(config, data.num_classes)
   mesh = sharding.create_mesh(jax.local_devices()[:1])
-  # The checkpoint holds the optimizer's state too; its structure, not the
-  # schedule's values, is what the restore target must match.
-  tx = train.create_optimizer(config, train.learning_rate_fn(config, 1, 1))
-  abstract = train.create_train_state(config, model, tx, data.image_shape, mesh,
-                                      abstract=True)
   checkpoints = os.path.join(workdir, "checkpoints")
-  checkpointer = checkpoint.Checkpointer(checkpoints)
   try:
-    state, step = checkpointer.restore_latest(abstract)
+    state, step = train.restore_trained_state(config, workdir, model, data.image_shape,
+                                              mesh)
   except RuntimeError as error:
     raise RunError(str(error)) from None
-  finally:
-    checkpointer.close()
   if state is None:
     raise RunError(f"{checkpoints} holds no checkpoint; train first with "
                    f"python -m har_jax.main --config=... --workdir={workdir}")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 
 from har_jax import cpu_conv
+from har_jax import early_exit
 from har_jax import losses
 from har_jax import mixing
 from har_jax import models
@@ -34,6 +35,11 @@ EXIT_CONFIDENCES = ("margin", "softmax")
 HEAD_CHOICES = ("auto", *models.HEADS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("step", "cosine")
+# Which parameters the optimiser updates (train.trainable_mask); every other
+# parameter and the BatchNorm statistics stay as they are (a second stage,
+# har_jax/decouple.py): all; the classifier of every exit (cRT); the per-class
+# logit scales of logit_affine (LWS).
+TRAINABLE = ("all", "classifiers", "logit_scales")
 # The fields a rerun in a run's workdir may change (har_jax/workdir.py refuses a
 # change of any other): they set how often the run logs and saves, how many
 # checkpoints it keeps, the size of its evaluation batches, where its data is
@@ -120,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.exits = "CBEBEBE"          # C stem, B stage, E exit (the paper's notation)
   config.head = "auto"              # linear | normed | auto (normed for LDAM)
   config.dtype = "float32"          # computation dtype; parameters stay float32
+  config.logit_affine = False       # every exit's logits pass through a per-class
+                                    # scale * z + offset, initialised to the identity
+                                    # (the second stage's LWS scales and logit
+                                    # adjustment, har_jax/decouple.py)
   config.conv_impl = "auto"         # auto | native | xla: float32 convolutions on one
                                     # CPU device run on har_jax's kernels (auto: when
                                     # they build), else on XLA's (har_jax/cpu_conv.py)
@@ -156,6 +166,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.lr_decay_epochs = (160, 180)
   config.lr_decay_factor = 0.01     # step schedule: x factor at each decay epoch
   config.seed = 0
+  config.trainable = "all"          # all | classifiers | logit_scales: what the
+                                    # optimiser updates; the rest, BatchNorm
+                                    # statistics included, stays frozen
+  # Second stage on a trained run (python -m har_jax.decouple, README "Decoupling").
+  config.decouple_tau_grid = tuple(round(0.1 * i, 1) for i in range(21))  # tau_norm,
+                                    # logit_adjust: tau of each exit chosen from these
+  # The inference threshold saving the most FLOPs on the validation split within
+  # this accuracy drop from the last exit (analyze.py's rule); negative: keep the
+  # run's threshold.
+  config.decouple_max_accuracy_drop = early_exit.DEFAULT_MAX_ACCURACY_DROP
   # Bookkeeping.
   config.log_every_steps = 100
   config.eval_every_epochs = 10     # validation split, where the data set has one
@@ -232,7 +252,8 @@ def inference_threshold(config: ml_collections.ConfigDict) -> float:
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The configured multi-exit network (validates model, exits, head and dtype)."""
   return models.get_model(config.model, num_classes=num_classes, exits=config.exits,
-                          head=resolved_head(config), dtype=DTYPES[config.dtype])
+                          head=resolved_head(config), dtype=DTYPES[config.dtype],
+                          logit_affine=config.logit_affine)
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int,
@@ -257,6 +278,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _one_of("schedule", config.schedule, SCHEDULES)
   _one_of("sampler", config.sampler, sampling.SAMPLERS)
   _one_of("mixing", config.mixing, mixing.MIXINGS)
+  _one_of("trainable", config.trainable, TRAINABLE)
+  if config.trainable == "logit_scales" and not config.logit_affine:
+    raise ConfigError("trainable 'logit_scales' trains the scales of logit_affine; "
+                      "set logit_affine True as well.")
+  if not config.decouple_tau_grid or min(config.decouple_tau_grid) < 0:
+    raise ConfigError(f"decouple_tau_grid must be a non-empty list of taus >= 0, got "
+                      f"{list(config.decouple_tau_grid)}.")
   if not config.imbalance_factor >= 1:
     raise ConfigError(f"imbalance_factor must be >= 1 (largest class size over "
                       f"smallest), got {config.imbalance_factor}.")

@@ -302,6 +302,15 @@ def threshold_curve(exit_logits: Union[np.ndarray, Array],
       final_exit_accuracy=float((final_predictions == labels).mean()))
 
 
+# Thresholds of the accuracy-FLOPs curves a threshold is calibrated on: a uniform
+# grid, and finer steps near 1, where a well-trained network's confidences crowd.
+CALIBRATION_THRESHOLDS = np.unique(np.concatenate(
+    [np.linspace(0.0, 1.0, 101), 1.0 - np.logspace(-6, -2, 9)]))
+# The accuracy the calibrated threshold may lose against the last exit alone
+# (experiments/analyze.py's default; the second stage's, har_jax/decouple.py).
+DEFAULT_MAX_ACCURACY_DROP = 0.01
+
+
 class Calibration(NamedTuple):
   """The threshold chosen on a curve and what it achieved there."""
   threshold: float

@@ -15,6 +15,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from har_jax import early_exit
 from har_jax.data.long_tail import SHOT_GROUP_NAMES
 
 
@@ -112,6 +113,21 @@ class EvalMetrics(Metrics):
                exit_fraction=Mean.of(exit_onehot, mask))
 
 
+def per_exit_accuracy(exit_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """``[E]`` accuracy of each exit's own prediction on every example, from its
+  logits ``[E, N, C]`` and the labels ``[N]``."""
+  return (np.argmax(exit_logits, axis=-1) == np.asarray(labels)[None]).mean(axis=1)
+
+
+def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray,
+                       num_classes: int) -> np.ndarray:
+  """``[C]`` accuracy on the examples of each class (NaN for a class without any)."""
+  correct = np.bincount(labels, weights=predictions == labels, minlength=num_classes)
+  total = np.bincount(labels, minlength=num_classes)
+  with np.errstate(invalid="ignore"):
+    return correct / total
+
+
 def shot_group_accuracy(class_accuracy, shot_groups: Sequence[int]) -> dict:
   """Mean per-class accuracy of each shot group (``many``, ``medium``, ``few``);
   None for a group with no class that has test examples (NaN accuracy)."""
@@ -147,6 +163,32 @@ def evaluation_summary(computed: Mapping[str, Any], shot_groups: Sequence[int],
   spent = float(np.dot(exit_fraction, np.asarray(exit_flops, np.float64)))
   summary["flops_saving"] = 1.0 - spent / float(backbone_flops)
   return summary
+
+
+def logits_summary(exit_logits: np.ndarray, labels: np.ndarray, *, threshold: float,
+                   shot_groups: Sequence[int], exit_flops: Sequence[float],
+                   backbone_flops: float, **confidence) -> dict:
+  """:func:`evaluation_summary` of early-exit inference on a split's logits.
+
+  Args:
+    exit_logits: ``[E, N, C]`` every exit's logits of the split.
+    labels: ``[N]``.
+    threshold: of ``early_exit.predict``.
+    shot_groups, exit_flops, backbone_flops: as in :func:`evaluation_summary`.
+    **confidence: ``logit_scale`` and ``margins`` of ``early_exit.predict``
+      (``config.exit_confidence``).
+  """
+  exit_logits = np.asarray(exit_logits)
+  labels = np.asarray(labels)
+  num_exits, _, num_classes = exit_logits.shape
+  predictions, exit_index = (np.asarray(a) for a in early_exit.predict(
+      exit_logits, threshold=threshold, **confidence))
+  computed = {
+      "accuracy": np.mean(predictions == labels),
+      "class_accuracy": per_class_accuracy(predictions, labels, num_classes),
+      "per_exit_accuracy": per_exit_accuracy(exit_logits, labels),
+      "exit_fraction": np.bincount(exit_index, minlength=num_exits) / labels.size}
+  return evaluation_summary(computed, shot_groups, exit_flops, backbone_flops)
 
 
 # A deeper exit alone this much (a fraction) below a shallower one is starved.

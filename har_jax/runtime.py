@@ -1,6 +1,7 @@
 """Where a program runs: the devices JAX uses, and JAX's persistent compilation cache.
 
-The command-line programs (``har_jax.main``, ``experiments/*.py``) call
+The command-line programs (``har_jax.main`` and ``har_jax.decouple`` through
+``har_jax.cli.report``, ``experiments/*.py``) call
 :func:`enable_compilation_cache` before they compile anything, so a resumed run,
 a rerun benchmark or the next cell of the reproduction grid loads its compiled
 programs from disk instead of compiling them again. The cache lives in

@@ -116,9 +116,37 @@ def learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: Callable) -> optax.GradientTransformation:
-  """SGD with momentum and weight decay on every parameter, as PyTorch's SGD."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=config.momentum))
+  """SGD with momentum and weight decay, as PyTorch's SGD, on the parameters
+  ``config.trainable`` selects (:func:`trainable_mask`). The others get a zero
+  update, weight decay included, so they stay what they were bit for bit."""
+  sgd = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                    optax.sgd(schedule, momentum=config.momentum))
+  if config.trainable == "all":
+    return sgd
+  return optax.multi_transform(
+      {"trained": sgd, "frozen": optax.set_to_zero()},
+      lambda params: jax.tree.map(lambda trained: "trained" if trained else "frozen",
+                                  trainable_mask(params, config.trainable)))
+
+
+def trainable_mask(params: Any, trainable: str) -> Any:
+  """Which parameters the optimiser updates, a tree of bools like ``params``.
+
+  Args:
+    params: a ``models.ResNet``'s parameters.
+    trainable: ``"all"``; ``"classifiers"``, the layer from pooled features to
+      logits of every exit (``classifier`` and ``exit{i}/classifier``: not the
+      exit heads' conv and BatchNorm); ``"logit_scales"``, the per-class scales
+      of ``logit_affine{i}`` (not their offsets).
+  """
+  def trained(path, _):
+    names = [key.key for key in path]
+    if trainable == "classifiers":
+      return "classifier" in names
+    if trainable == "logit_scales":
+      return names[0].startswith("logit_affine") and names[-1] == "scale"
+    return True
+  return jax.tree_util.tree_map_with_path(trained, params)
 
 
 def base_loss_fn(config: ml_collections.ConfigDict, class_counts) -> losses.LossFn:
@@ -264,15 +292,22 @@ def make_mix(config: ml_collections.ConfigDict, class_counts) -> mixing_lib.MixF
       mfw_power=config.mfw_power, mfw_strength=config.mfw_strength)
 
 
-def make_forward(model: models.ResNet) -> Callable:
+def make_forward(model: models.ResNet, *, frozen_statistics: bool = False) -> Callable:
   """The training forward pass: batch statistics from the batch, updated; the
-  features mixed at the boundary the mixing drew."""
+  features mixed at the boundary the mixing drew. With ``frozen_statistics``
+  (a stage that trains only classifiers on frozen features), BatchNorm
+  normalises with the running statistics and keeps them as they are."""
   def forward(params, batch_stats, images, mixing):
     exit_logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
                                        images, train=True, mix=mixing,
                                        mutable=["batch_stats"])
     return exit_logits, updates["batch_stats"]
-  return forward
+
+  def frozen(params, batch_stats, images, mixing):
+    exit_logits = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                              train=False, mix=mixing)
+    return exit_logits, batch_stats
+  return frozen if frozen_statistics else forward
 
 
 def make_loss(config: ml_collections.ConfigDict, class_counts, steps_per_epoch: int,
@@ -331,7 +366,7 @@ def step_pieces(config: ml_collections.ConfigDict, model: models.ResNet, data: A
   return StepPieces(
       augment=make_augment(config, data),
       mix=make_mix(config, data.class_counts),
-      forward=make_forward(model),
+      forward=make_forward(model, frozen_statistics=config.trainable != "all"),
       loss=make_loss(config, data.class_counts, steps_per_epoch, model.exit_positions),
       gather=make_gather(config, data, steps_per_epoch) if in_memory else None)
 
@@ -399,6 +434,16 @@ def make_eval_step(config: ml_collections.ConfigDict, model: models.ResNet,
   return eval_step
 
 
+def native_convolutions(config: ml_collections.ConfigDict,
+                        mesh: jax.sharding.Mesh) -> bool:
+  """Whether the steps on ``mesh`` compute their convolutions on har_jax's CPU
+  kernels (``config.conv_impl``, har_jax/cpu_conv.py)."""
+  try:
+    return cpu_conv.resolve(config.conv_impl, list(mesh.devices.flat), config.dtype)
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from None
+
+
 def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
                tx: optax.GradientTransformation, data: Any,
                mesh: jax.sharding.Mesh, steps_per_epoch: int,
@@ -412,10 +457,7 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
       statistics are used here.
     schedule: the learning-rate function ``tx`` uses; the step reports it.
   """
-  try:
-    native = cpu_conv.resolve(config.conv_impl, list(mesh.devices.flat), config.dtype)
-  except ValueError as error:
-    raise config_lib.ConfigError(str(error)) from None
+  native = native_convolutions(config, mesh)
   pieces = step_pieces(config, model, data, steps_per_epoch)
   step = make_train_step(pieces, tx, schedule)
   traces = []
@@ -557,8 +599,30 @@ def evaluate(steps: Steps, state: TrainState, local_batches,
   return sharding.to_host(merged).compute()
 
 
+def restore_trained_state(config: ml_collections.ConfigDict, workdir: str,
+                          model: models.ResNet, image_shape: tuple,
+                          mesh: jax.sharding.Mesh):
+  """``(state, step)`` of the latest readable checkpoint of the run ``config``
+  trained in ``workdir``, replicated over ``mesh``; ``(None, None)`` without one.
+
+  Raises:
+    checkpoint.IncompatibleCheckpointError: the checkpoints are of another model.
+    RuntimeError: none of the checkpoints can be read.
+  """
+  # The optimiser's structure, not its schedule's values, must match the saved one.
+  tx = create_optimizer(config, learning_rate_fn(config, 1, 1))
+  abstract = create_train_state(config, model, tx, image_shape, mesh, abstract=True)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return checkpointer.restore_latest(abstract)
+  finally:
+    checkpointer.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+                       mesh: Optional[jax.sharding.Mesh] = None,
+                       initial_state: Optional[Callable[[TrainState], TrainState]] = None
+                       ) -> dict:
   """Trains (resuming from ``workdir`` when it holds checkpoints), evaluates, and
   writes ``workdir/summary.json``, TensorBoard events and orbax checkpoints.
 
@@ -570,6 +634,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config: see ``har_jax/config.py``.
     workdir: the run's directory.
     mesh: the devices to use; default every device of every process.
+    initial_state: maps the freshly initialised state to the one a run without
+      checkpoints starts from (a second stage loads its first stage's
+      parameters into it, har_jax/decouple.py); the optimiser state it keeps
+      must fit the parameters it returns.
 
   Returns:
     The summary (see DESIGN.md for its fields).
@@ -585,15 +653,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
   runtime.log_platform(list(mesh.devices.flat))
   with workdir_lib.claim(workdir, config) as claimed:
-    return _train_and_evaluate(config, claimed, mesh)
+    return train_and_evaluate_claimed(config, claimed, mesh, initial_state=initial_state)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, claimed: workdir_lib.Claim,
-                        mesh: jax.sharding.Mesh) -> dict:
-  """:func:`train_and_evaluate` in a claimed workdir."""
+def train_and_evaluate_claimed(
+    config: ml_collections.ConfigDict, claimed: workdir_lib.Claim,
+    mesh: jax.sharding.Mesh, *, data: Any = None,
+    initial_state: Optional[Callable[[TrainState], TrainState]] = None) -> dict:
+  """:func:`train_and_evaluate` in a workdir claimed by the caller (a stage
+  that does more in the folder under the same claim), on a validated config;
+  ``data``: the config's data set (:func:`load_data`) when the caller has it."""
   workdir = claimed.directory
   try:
-    data = load_data(config, workdir=workdir)
+    if data is None:
+      data = load_data(config, workdir=workdir)
     steps_per_epoch = pipeline.steps_per_epoch(data.num_train, config.batch_size)
   except ValueError as error:
     raise config_lib.ConfigError(f"{config.dataset}: {error}") from None
@@ -623,6 +696,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, claimed: workdir_lib.
   best_path = os.path.join(workdir, "best_validation.json")
   if state is None:
     state = create_train_state(config, model, tx, image_shape, mesh)
+    if initial_state is not None:
+      state = initial_state(state)
     best = None  # a fresh run never inherits a stale record
   else:
     logging.info("Resumed from the checkpoint of step %d in %s.", restored_step, workdir)

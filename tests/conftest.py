@@ -34,3 +34,14 @@ def _absl_verbosity_is_restored():
   level = absl_logging.get_verbosity()
   yield
   absl_logging.set_verbosity(level)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+  """One finished run of ``runs.small_config()`` on every device, shared by the
+  modules that study a trained run (analyses, the second stage); read-only."""
+  from har_jax import train  # pylint: disable=g-import-not-at-top
+  import runs  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("small_run"))
+  train.train_and_evaluate(runs.small_config(), path)
+  return path

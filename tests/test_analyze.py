@@ -13,7 +13,6 @@ from absl import flags
 import numpy as np
 import pytest
 
-from har_jax import train
 import runs
 
 EXPERIMENTS = os.path.join(runs.REPO, "experiments")
@@ -34,10 +33,8 @@ def _script(name, *args):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(runs.small_config(), path)
-  return path
+def workdir(small_run):
+  return small_run
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from har_jax.models.flops import ExitFlops
 from har_jax.models.flops import exit_flops
 from har_jax.models.heads import HEADS
 from har_jax.models.heads import ExitHead
+from har_jax.models.heads import LogitAffine
 from har_jax.models.heads import NormedLinear
 from har_jax.models.resnet import MODEL_NAMES
 from har_jax.models.resnet import BasicBlock

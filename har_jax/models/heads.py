@@ -88,6 +88,26 @@ def classifier(head: str, num_classes: int, kernel_init: Initializer,
   return NormedLinear(num_classes, name=name)
 
 
+class LogitAffine(nn.Module):
+  """Per-class ``scale * z + offset`` on ``[..., C]`` logits, the identity at init.
+
+  A second stage on a trained network adjusts its classifiers through it: LWS
+  (Kang et al. 2020) learns ``scale``, post-hoc logit adjustment sets ``offset``
+  (har_jax/decouple.py). Elementwise, so it counts no MACs.
+
+  Attributes:
+    num_classes: C; ``scale`` and ``offset`` are float32 ``[C]``.
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, logits: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (self.num_classes,), jnp.float32)
+    offset = self.param("offset", nn.initializers.zeros, (self.num_classes,),
+                        jnp.float32)
+    return logits * scale + offset
+
+
 class ExitHead(nn.Module):
   """Light early-exit head: conv3x3/2 (no bias), BN, ReLU, global pool, classifier.
 

@@ -15,7 +15,8 @@ exits before the boundary that mixes see the clean features.
 Parameter names say which piece they belong to: ``stem``, ``stage{j}_block{b}``
 (stage j is 1-based, as in the exit string), ``exit{i}`` for early exit i and
 ``classifier`` for the backbone's own final classifier, so a single-exit model has
-exactly the plain ResNet's parameters.
+exactly the plain ResNet's parameters; with ``logit_affine``, ``logit_affine{i}``
+adjusts the logits of exit i (the last one included).
 """
 
 import functools
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 from har_jax.models.exits import parse_exits
 from har_jax.models.heads import ExitHead
+from har_jax.models.heads import LogitAffine
 from har_jax.models.heads import check_head
 from har_jax.models.heads import classifier
 from har_jax.models.heads import global_average_pool
@@ -150,6 +152,8 @@ class ResNet(nn.Module):
     head: ``"linear"`` or ``"normed"`` (cosine), for every exit.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters and logits are
       float32.
+    logit_affine: pass every exit's logits through a ``LogitAffine``
+      (per-class scale and offset, the identity at init).
   """
   stage_sizes: Sequence[int]
   stage_widths: Sequence[int]
@@ -161,6 +165,7 @@ class ResNet(nn.Module):
   exits: str
   head: str = "linear"
   dtype: Any = jnp.float32
+  logit_affine: bool = False
 
   @property
   def exit_positions(self) -> tuple[int, ...]:
@@ -196,6 +201,9 @@ class ResNet(nn.Module):
                  self.classifier_init, name=f"exit{index}")
         for index in range(self.num_exits - 1)]
     self.classifier = classifier(self.head, self.num_classes, self.classifier_init)
+    if self.logit_affine:
+      self.logit_affines = [LogitAffine(self.num_classes, name=f"logit_affine{index}")
+                            for index in range(self.num_exits)]
 
   def segment(self, x: jax.Array, index: int, train: bool,
               mix: Optional[MixFn] = None) -> jax.Array:
@@ -229,8 +237,10 @@ class ResNet(nn.Module):
     """Exit ``index``'s float32 logits ``[B, C]`` from the map ``segment`` returned."""
     self._check_exit_index(index)
     if index == self.num_exits - 1:
-      return self.classifier(global_average_pool(x))
-    return self.exit_heads[index](x, train)
+      logits = self.classifier(global_average_pool(x))
+    else:
+      logits = self.exit_heads[index](x, train)
+    return self.logit_affines[index](logits) if self.logit_affine else logits
 
   def __call__(self, images: jax.Array, train: bool,
                mix: Optional[MixFn] = None) -> jax.Array:
@@ -265,9 +275,10 @@ ResNeXt50_32x4d = functools.partial(
 
 
 def _build(module_def: ModuleDef, model_name: str, num_classes: int, exits: str,
-           head: str, dtype: Any) -> ResNet:
+           head: str, dtype: Any, logit_affine: bool) -> ResNet:
   """Instantiates a variant; checks ``exits`` and ``head`` now rather than at init."""
-  model = module_def(num_classes=num_classes, exits=exits, head=head, dtype=dtype)
+  model = module_def(num_classes=num_classes, exits=exits, head=head, dtype=dtype,
+                     logit_affine=logit_affine)
   parse_exits(exits, len(model.stage_sizes), model_name=model_name)
   check_head(head)
   return model
@@ -276,8 +287,8 @@ def _build(module_def: ModuleDef, model_name: str, num_classes: int, exits: str,
 def _factory(module_def: ModuleDef, name: str, default_exits: str, doc: str):
   """The public constructor of one variant, with its own name and docstring."""
   def factory(num_classes: int, exits: str = default_exits, head: str = "linear",
-              dtype: Any = jnp.float32) -> ResNet:
-    return _build(module_def, name, num_classes, exits, head, dtype)
+              dtype: Any = jnp.float32, logit_affine: bool = False) -> ResNet:
+    return _build(module_def, name, num_classes, exits, head, dtype, logit_affine)
   factory.__name__ = factory.__qualname__ = name
   factory.__doc__ = doc
   return factory
