@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from har_jax import config as config_lib
+from har_jax import runtime
 from har_jax import train
 from har_jax import workdir
 
@@ -181,6 +182,8 @@ def main(argv):
     context = contextlib.nullcontext()
   with open(PAPER_RESULTS) as f:
     paper = json.load(f)["accuracy"]
+  # A resumed grid loads the programs its runs compiled; equal programs are shared.
+  runtime.enable_compilation_cache()
 
   summaries, failed = {}, []
   started = time.time()
