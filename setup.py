@@ -60,8 +60,9 @@ setuptools.setup(
     ],
     extras_require={
         "train": _TRAIN,
-        # Everything the test suite imports: the trainer and pytest.
-        "test": [*_TRAIN, "pytest>=8"],
+        # Everything the test suite imports: the trainer and pytest; pytest-xdist
+        # runs the suite's files on two processes (README's test command).
+        "test": [*_TRAIN, "pytest>=8", "pytest-xdist>=3"],
         # JAX's accelerator builds: NVIDIA GPUs (CUDA 12 wheels, driver >= 525), TPU VMs.
         "cuda": ["jax[cuda12]" + _JAX],
         "tpu": ["jax[tpu]" + _JAX],
