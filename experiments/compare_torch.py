@@ -28,7 +28,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-import benchmark  # experiments/benchmark.py, beside this file
+import benchmark  # experiments/benchmark.py, beside this file: its flags
+import timing
 
 _THREADS = flags.DEFINE_integer(
     "threads", None, "PyTorch intra-op threads; default the CPU count, which is "
@@ -57,6 +58,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
+  from har_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.enable_compilation_cache()
   config = benchmark._CONFIG.value  # pylint: disable=protected-access
   reference = {"model": "resnet32", "exits": "CBBBE", "loss": "ldam",
                "dtype": "float32"}
@@ -78,29 +81,29 @@ def main(argv):
       child_end, threads,
       rng.integers(0, 256, (config.batch_size, *image_shape), np.uint8),
       rng.integers(0, num_classes, (config.batch_size,), np.int32),
-      benchmark.class_counts(config, num_classes),
+      timing.class_counts(config, num_classes),
       dict(learning_rate=config.learning_rate, momentum=config.momentum,
            weight_decay=config.weight_decay, seed=config.seed,
            channels_last=_CHANNELS_LAST.value)))
   worker.start()
   torch_version = connection.recv()
-  jax_step = benchmark.compile_train_step(config, image_shape, num_classes,
-                                          name="har_jax")
+  jax_step = timing.compile_train_step(config, image_shape, num_classes,
+                                       name="har_jax")
 
   def torch_step():
     connection.send(True)
     connection.recv()
 
-  seconds = benchmark.time_interleaved(
+  seconds = timing.time_interleaved(
       {"har_jax": jax_step.run, "torch": torch_step},
       benchmark._STEPS.value, benchmark._WARMUP.value)  # pylint: disable=protected-access
   connection.send(False)
   worker.join()
 
   devices = jax.device_count()
-  jax_figures = benchmark.step_report(jax_step, seconds["har_jax"], devices)
-  torch_figures = benchmark.step_figures(seconds["torch"], config.batch_size, 1,
-                                         6 * jax_step.macs_per_image)
+  jax_figures = timing.step_report(jax_step, seconds["har_jax"], devices)
+  torch_figures = timing.step_figures(seconds["torch"], config.batch_size, 1,
+                                      6 * jax_step.macs_per_image)
   torch_figures.update(threads=threads, channels_last=_CHANNELS_LAST.value,
                        version=torch_version)
   print(f"torch: step {torch_figures['step_ms']:.1f} ms "
@@ -114,7 +117,7 @@ def main(argv):
                     "speedup": speedup, "paired_speedup": paired,
                     "batch_size": config.batch_size, "image_shape": list(image_shape),
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "machine": benchmark.machine()}, sort_keys=True))
+                    "machine": timing.machine()}, sort_keys=True))
 
 
 if __name__ == "__main__":

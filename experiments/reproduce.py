@@ -53,6 +53,7 @@ from absl import logging
 import jax
 
 from har_jax import config as config_lib
+from har_jax import runtime
 from har_jax import train
 from har_jax import workdir as workdir_lib
 import tables as tables_lib
@@ -547,7 +548,7 @@ def main(argv):
         f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip())
   started = time.time()
   failed = []
-  with _compilation_cache(FLAGS.workdir):
+  with _compilation_cache():
     if not FLAGS.report_only:
       print(f"reproduce: {len(mine)} cells"
             + (f" (shard {FLAGS.shard} of {len(plan.cells)})" if shard else ""), flush=True)
@@ -567,14 +568,15 @@ def main(argv):
 
 
 @contextlib.contextmanager
-def _compilation_cache(root: str):
-  """Cells that differ only in their seed, and the evaluation and initialisation
-  of cells that differ only in their loss, compile to the same programs: a
-  persistent compilation cache (JAX_COMPILATION_CACHE_DIR, else
-  WORKDIR/.jax_cache) compiles each once."""
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(root, ".jax_cache"))
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+def _compilation_cache():
+  """Cells of one setting and seed that share a model compile the same
+  initialisation and evaluation programs (the normalisation of each seed's
+  long-tailed subset is a constant of the programs, so seeds do not share
+  them): a persistent compilation cache (har_jax.runtime's: JAX_COMPILATION_CACHE_DIR, else
+  its default; off with JAX_ENABLE_COMPILATION_CACHE=false) compiles each once, and
+  a resumed grid loads what its runs compiled."""
+  if runtime.enable_compilation_cache() and (
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   yield
 

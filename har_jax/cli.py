@@ -49,13 +49,19 @@ def quiet_libraries() -> None:
 def report(stage: Callable[[], dict]) -> None:
   """Runs a stage that returns a summary and prints the summary as one JSON line.
 
-  A preempted stage exits with ``train.PREEMPTED_EXIT_CODE`` (its checkpoint is
-  saved; the same command resumes), a config it cannot run with a usage error,
-  a non-finite loss with status 1.
+  The stage keeps what it compiles in JAX's persistent compilation cache
+  (``har_jax.runtime``), so a resumed or repeated stage loads its programs; the
+  log says where the cache is and, at the end, how many programs were loaded
+  and written. A preempted stage exits with ``train.PREEMPTED_EXIT_CODE`` (its
+  checkpoint is saved; the same command resumes), a config it cannot run with a
+  usage error, a non-finite loss with status 1.
   """
   # Imported here so that --help and usage errors stay fast.
   from har_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from har_jax import runtime  # pylint: disable=g-import-not-at-top
   from har_jax import train  # pylint: disable=g-import-not-at-top
+  cache = runtime.enable_compilation_cache()
+  logging.info("Persistent compilation cache: %s", cache or "off (JAX_ENABLE_COMPILATION_CACHE)")
   try:
     summary = stage()
   except train.Preempted as preempted:
@@ -66,6 +72,9 @@ def report(stage: Callable[[], dict]) -> None:
   except train.NonFiniteLossError as error:
     print(f"har_jax: {error}", file=sys.stderr)
     sys.exit(1)
+  if cache:
+    logging.info("Compilation cache: %(loaded)d program(s) loaded, %(written)d written.",
+                 runtime.compilation_cache_events())
   print(json.dumps(summary, sort_keys=True))
 
 

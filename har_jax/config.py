@@ -2,13 +2,16 @@
 
 Experiment files under ``configs/`` start from :func:`base_config` and change
 what their setting needs, so every experiment understands every field and a
-misspelt ``--config.FIELD`` is refused by the flag parser.
+misspelt ``--config.FIELD`` is refused by the flag parser. Where ml_collections
+is not installed (the library install without ``[train]``, e.g. an accelerator
+image running experiments/gpu_benchmark.py) a config is a :class:`FieldDict`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax.numpy as jnp
-import ml_collections
 
 from har_jax import cpu_conv
 from har_jax import early_exit
@@ -17,6 +20,9 @@ from har_jax import mixing
 from har_jax import models
 from har_jax.data import sampling
 from har_jax.data import specs as data_specs
+
+if TYPE_CHECKING:
+  import ml_collections
 
 # image_folder: a user's class folders (har_jax/data/image_folder.py), whose
 # shape and classes come from the folder.
@@ -51,9 +57,35 @@ class ConfigError(ValueError):
   """A configuration that cannot run; the message says what to change."""
 
 
+class FieldDict(dict):
+  """The config's fields as attributes, where ml_collections is not installed.
+
+  What the train step, the models and :func:`validate` read of a config; no
+  type checks or locking, which ``ml_collections.ConfigDict`` (and so the
+  trainer's command line) adds.
+  """
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(f"config has no field {name!r}") from None
+
+  def __setattr__(self, name, value):
+    self[name] = value
+
+
+def _empty_config():
+  try:
+    import ml_collections  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  except ImportError:
+    return FieldDict()
+  return ml_collections.ConfigDict()
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All fields, with the CIFAR-LT recipe of LDAM-DRW as defaults."""
-  config = ml_collections.ConfigDict()
+  config = _empty_config()
   # Data.
   config.dataset = "digits"
   config.imbalance_factor = 100.0   # n_max / n_min of the long-tailed train split

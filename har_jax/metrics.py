@@ -1,13 +1,16 @@
-"""clu metric collections of training and evaluation, and the evaluation summary.
+"""Metrics of training and evaluation, and the evaluation summary.
 
-Per-exit and per-class quantities are vectors, so they use :class:`PerIndexAverage`
-over values laid out ``[B, K]`` (batch first, as clu's masks expect).
+A metric is a pytree of sums (so it can leave a jitted step and be merged over
+batches and steps on the device); ``compute()`` turns it into numbers. Written
+here rather than taken from clu so that the train step needs only JAX and Flax
+(experiments/gpu_benchmark.py runs it where clu is not installed). Per-exit and
+per-class quantities are vectors: :class:`Mean` of values laid out ``[B, K]``
+(batch first) is kept apart for each index k.
 """
 
-
+import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
-from clu import metrics as clu_metrics
 import flax
 import jax.numpy as jnp
 import numpy as np
@@ -17,68 +20,104 @@ from har_jax.data.long_tail import SHOT_GROUP_NAMES
 
 
 @flax.struct.dataclass
-class PerIndexAverage(clu_metrics.Metric):
-  """Mean over examples of ``values [B, K]``, kept apart for each index k.
+class Mean:
+  """Mean over examples (the leading axis) of ``values``: ``[]``, ``[B]`` or
+  ``[B, K]`` (then one mean per index k).
 
   ``mask`` is ``[B]`` (padding) or ``[B, K]`` (e.g. "example is of class k").
   An index with no example computes to NaN.
   """
 
-  total: jnp.ndarray
+  total: jnp.ndarray   # [] or [K]
   count: jnp.ndarray
 
   @classmethod
-  def empty(cls) -> "PerIndexAverage":
-    return cls(total=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.float32))
-
-  @classmethod
-  def from_model_output(cls, values: jnp.ndarray, mask: Optional[jnp.ndarray] = None,
-                        **_) -> "PerIndexAverage":
+  def of(cls, values, mask: Optional[jnp.ndarray] = None) -> "Mean":
     values = jnp.asarray(values, jnp.float32)
+    if values.ndim == 0:  # one value, e.g. a step's loss
+      values = values[None]
     mask = jnp.ones(values.shape, jnp.float32) if mask is None else jnp.asarray(
         mask, jnp.float32)
-    if mask.ndim == 1:
-      mask = mask[:, None]
-    mask = jnp.broadcast_to(mask, values.shape)
+    mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)),
+                            values.shape)
     return cls(total=jnp.sum(values * mask, axis=0), count=jnp.sum(mask, axis=0))
 
-  def merge(self, other: "PerIndexAverage") -> "PerIndexAverage":
+  def merge(self, other: "Mean") -> "Mean":
     return type(self)(total=self.total + other.total, count=self.count + other.count)
 
   def compute(self) -> jnp.ndarray:
     return jnp.where(self.count > 0, self.total / jnp.maximum(self.count, 1), jnp.nan)
 
 
-def _per_class(correct, labels_onehot, mask, **_):
-  """Each example counts toward its own class only."""
-  return {"values": jnp.broadcast_to(correct[:, None], labels_onehot.shape),
-          "mask": labels_onehot * mask[:, None]}
+@flax.struct.dataclass
+class Last:
+  """The value of the latest step merged in (e.g. the learning rate)."""
+
+  value: jnp.ndarray
+
+  def merge(self, other: "Last") -> "Last":
+    return other
+
+  def compute(self) -> jnp.ndarray:
+    return self.value
 
 
-def _exit_by_group(exit_onehot, group_onehot, **_):
-  """Entry ``g * E + e`` averages "exits at e" over the examples of shot group g."""
-  groups, exits = group_onehot.shape[-1], exit_onehot.shape[-1]
-  return {"values": jnp.tile(exit_onehot, (1, groups)),
-          "mask": jnp.repeat(group_onehot, exits, axis=-1)}
+class Metrics:
+  """A dataclass of metrics, merged and computed field by field."""
+
+  def merge(self, other):
+    return type(self)(**{field.name: getattr(self, field.name).merge(getattr(other, field.name))
+                         for field in dataclasses.fields(self)})
+
+  def compute(self) -> dict:
+    return {field.name: getattr(self, field.name).compute()
+            for field in dataclasses.fields(self)}
 
 
 @flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  finite: clu_metrics.Average.from_output("finite")  # loss and new parameters
-  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
-  exit_fraction: PerIndexAverage.from_output("exit_onehot")   # [B, E]
-  exit_accuracy: PerIndexAverage.from_output("exit_correct")  # [B, E]
-  # [G * E]: the fraction of shot group g's training examples exiting at exit e.
-  exit_fraction_by_group: PerIndexAverage.from_fun(_exit_by_group)
+class TrainMetrics(Metrics):
+  loss: Mean
+  finite: Mean           # loss and new parameters
+  learning_rate: Last
+  exit_fraction: Mean    # [E]
+  exit_accuracy: Mean    # [E]
+  # [G * E]: entry g * E + e is the fraction of shot group g's training
+  # examples that exited at exit e.
+  exit_fraction_by_group: Mean
+
+  @classmethod
+  def single_from_model_output(cls, *, loss, finite, learning_rate, exit_onehot,
+                               exit_correct, group_onehot) -> "TrainMetrics":
+    """One step's metrics; ``exit_onehot`` and ``exit_correct`` are ``[B, E]``,
+    ``group_onehot`` ``[B, G]`` the shot group of each example's class."""
+    groups, exits = group_onehot.shape[-1], exit_onehot.shape[-1]
+    return cls(loss=Mean.of(loss), finite=Mean.of(finite),
+               learning_rate=Last(jnp.asarray(learning_rate, jnp.float32)),
+               exit_fraction=Mean.of(exit_onehot), exit_accuracy=Mean.of(exit_correct),
+               exit_fraction_by_group=Mean.of(jnp.tile(exit_onehot, (1, groups)),
+                                              jnp.repeat(group_onehot, exits, axis=-1)))
 
 
 @flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  accuracy: clu_metrics.Average.from_output("correct")              # [B]
-  class_accuracy: PerIndexAverage.from_fun(_per_class)              # [B, C]
-  per_exit_accuracy: PerIndexAverage.from_output("exit_correct")    # [B, E]
-  exit_fraction: PerIndexAverage.from_output("exit_onehot")         # [B, E]
+class EvalMetrics(Metrics):
+  accuracy: Mean             # []
+  class_accuracy: Mean       # [C]
+  per_exit_accuracy: Mean    # [E]
+  exit_fraction: Mean        # [E]
+
+  @classmethod
+  def single_from_model_output(cls, *, correct, mask, labels_onehot, exit_correct,
+                               exit_onehot) -> "EvalMetrics":
+    """One batch's metrics: ``correct`` and ``mask`` (padding) ``[B]``,
+    ``labels_onehot`` ``[B, C]``, ``exit_correct`` and ``exit_onehot`` ``[B, E]``."""
+    # Each example counts toward its own class only.
+    class_mask = jnp.asarray(labels_onehot, jnp.float32) * jnp.asarray(
+        mask, jnp.float32)[:, None]
+    return cls(accuracy=Mean.of(correct, mask),
+               class_accuracy=Mean.of(jnp.broadcast_to(correct[:, None],
+                                                       labels_onehot.shape), class_mask),
+               per_exit_accuracy=Mean.of(exit_correct, mask),
+               exit_fraction=Mean.of(exit_onehot, mask))
 
 
 def per_exit_accuracy(exit_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

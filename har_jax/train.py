@@ -17,13 +17,12 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -35,6 +34,7 @@ from har_jax import losses
 from har_jax import metrics as metrics_lib
 from har_jax import mixing as mixing_lib
 from har_jax import models
+from har_jax import runtime
 from har_jax import sharding
 from har_jax import workdir as workdir_lib
 from har_jax.data import augment
@@ -42,6 +42,9 @@ from har_jax.data import digits
 from har_jax.data import long_tail
 from har_jax.data import pipeline
 from har_jax.data import sampling
+
+if TYPE_CHECKING:  # the annotations; the train step runs without ml_collections
+  import ml_collections
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + 15).
 PREEMPTED_EXIT_CODE = 143
@@ -653,6 +656,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh = sharding.create_mesh() if mesh is None else mesh
   config_lib.validate(config, num_devices=mesh.size, num_processes=jax.process_count())
+  runtime.log_platform(list(mesh.devices.flat))
   with workdir_lib.claim(workdir, config) as claimed:
     return train_and_evaluate_claimed(config, claimed, mesh, initial_state=initial_state)
 

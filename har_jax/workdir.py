@@ -42,14 +42,16 @@ import fcntl
 import json
 import os
 import socket
-from typing import Any, Collection, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Optional
 
 from absl import logging
 import jax
-import ml_collections
 
 from har_jax import config as config_lib
 from har_jax import sharding
+
+if TYPE_CHECKING:  # the annotations; the train step runs without ml_collections
+  import ml_collections
 
 CONFIG_FILE = "config.json"
 STARTS_FILE = "starts.jsonl"

@@ -49,19 +49,34 @@ def config_flags(**overrides):
       f"--config.{name}={text(value)}" for name, value in {**SMALL, **overrides}.items()]
 
 
-# Prepended to a script run with `python -c`: makes TensorFlow unimportable, as
-# on an accelerator image without it.
-BLOCK_TENSORFLOW = """
+def block_imports(*packages: str) -> str:
+  """Source to prepend to a script run with `python -c`: hides these packages, as
+  on an accelerator image without them. Every import finder is wrapped so that it
+  finds nothing of theirs: an import fails and ``importlib.util.find_spec``
+  returns None, as for a package that is not installed."""
+  return f"""
 import sys
 
-class BlockTensorFlow:
-  def find_spec(self, name, path=None, target=None):
-    if name == "tensorflow" or name.startswith("tensorflow."):
-      raise ImportError("TensorFlow is blocked in this test")
-    return None
+class Hide:
+  def __init__(self, finder):
+    self.finder = finder
 
-sys.meta_path.insert(0, BlockTensorFlow())
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {tuple(sorted(packages))!r}:
+      return None
+    return self.finder.find_spec(name, path, target)
+
+  def __getattr__(self, name):
+    return getattr(self.finder, name)
+
+sys.meta_path[:] = [Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
 """
+
+
+BLOCK_TENSORFLOW = block_imports("tensorflow")
+# What the library install lacks: the trainer's packages ([train] in setup.py).
+BLOCK_TRAINER = block_imports("tensorflow", "tensorflow_datasets", "clu", "ml_collections",
+                              "sklearn", "matplotlib")
 
 
 def logged_scalars(workdir, tag):

@@ -374,6 +374,19 @@ def test_library_info_logs_stay_out_of_stderr(reference):
   assert not chatter, chatter[:3]
 
 
+def test_run_logs_its_devices_and_compilation_cache(reference):
+  result = reference.result
+  assert re.search(r"\] JAX \S+ on cpu: 8 device\(s\) \(8 x cpu\)", result.stderr), (
+      result.stderr[-3000:])
+  if os.environ.get("JAX_ENABLE_COMPILATION_CACHE", "").lower() in ("false", "0"):
+    assert "Persistent compilation cache: off" in result.stderr
+    return
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # tests/conftest.py's
+  assert f"Persistent compilation cache: {cache}" in result.stderr
+  assert re.search(r"Compilation cache: \d+ program\(s\) loaded, \d+ written\.",
+                   result.stderr), result.stderr[-3000:]
+
+
 # --- Interrupted runs resume and end exactly where an uninterrupted run ends. ------
 
 def test_sigkill_then_rerun_resumes_and_matches(interrupted, reference):

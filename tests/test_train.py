@@ -3,8 +3,6 @@
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -183,28 +181,6 @@ def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
   assert step < failed_at
   host = sharding.to_host(state)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(host.params))
-
-
-CORE_WITHOUT_TENSORFLOW = runs.BLOCK_TENSORFLOW + """
-import jax, jax.numpy as jnp, numpy as np
-from har_jax import early_exit, losses, models, sharding, train
-from har_jax.data import pipeline
-model = models.resnet8(10, exits="CBEBEBE")
-images = jnp.zeros((2, 8, 8, 1))
-variables = model.init(jax.random.PRNGKey(0), images, train=False)
-logits = model.apply(variables, images, train=False)
-print(float(losses.har_loss(logits, jnp.array([0, 1]), threshold=0.9)))
-print(early_exit.predict(logits, threshold=0.5)[0].shape)
-assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
-print("core ok")
-"""
-
-
-def test_core_imports_and_runs_without_tensorflow():
-  result = subprocess.run([sys.executable, "-c", CORE_WITHOUT_TENSORFLOW],
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "core ok" in result.stdout
 
 
 def test_resident_step_trains_on_the_batches_the_host_would_gather():

@@ -8,7 +8,6 @@ download nor TensorFlow. It stands in for CIFAR-LT in smoke tests and examples.
 from __future__ import annotations
 
 import numpy as np
-from sklearn import datasets
 
 from har_jax.data.long_tail import long_tail_counts
 from har_jax.data.pipeline import ArrayDataset
@@ -47,6 +46,9 @@ def load_digits(*, imbalance_factor: float, seed: int, test_per_class: int = 50,
     raise ValueError(f"load_digits: need test_per_class >= 1 and "
                      f"validation_per_class >= 0, got {test_per_class} and "
                      f"{validation_per_class}.")
+  # Imported here: the trainer needs scikit-learn ([train]); the train step and
+  # the library do not.
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
   images = np.round(digits.images * (255 / _MAX_PIXEL)).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
