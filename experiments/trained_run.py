@@ -94,7 +94,9 @@ def load_run(workdir: str) -> TrainedRun:
   """
   check_workdir(workdir)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    # A run recorded before a field existed ran with that field's default.
+    config = config_lib.base_config()
+    config.update(json.load(f))
   try:
     data = train.load_data(config, workdir=workdir)
   except ValueError as error:

@@ -81,14 +81,21 @@ class TrainMetrics(Metrics):
   learning_rate: Last
   exit_fraction: Mean    # [E]
   exit_accuracy: Mean    # [E]
+  # [G * E]: entry g * E + e is the fraction of shot group g's training
+  # examples that exited at exit e.
+  exit_fraction_by_group: Mean
 
   @classmethod
   def single_from_model_output(cls, *, loss, finite, learning_rate, exit_onehot,
-                               exit_correct) -> "TrainMetrics":
-    """One step's metrics; ``exit_onehot`` and ``exit_correct`` are ``[B, E]``."""
+                               exit_correct, group_onehot) -> "TrainMetrics":
+    """One step's metrics; ``exit_onehot`` and ``exit_correct`` are ``[B, E]``,
+    ``group_onehot`` ``[B, G]`` the shot group of each example's class."""
+    groups, exits = group_onehot.shape[-1], exit_onehot.shape[-1]
     return cls(loss=Mean.of(loss), finite=Mean.of(finite),
                learning_rate=Last(jnp.asarray(learning_rate, jnp.float32)),
-               exit_fraction=Mean.of(exit_onehot), exit_accuracy=Mean.of(exit_correct))
+               exit_fraction=Mean.of(exit_onehot), exit_accuracy=Mean.of(exit_correct),
+               exit_fraction_by_group=Mean.of(jnp.tile(exit_onehot, (1, groups)),
+                                              jnp.repeat(group_onehot, exits, axis=-1)))
 
 
 @flax.struct.dataclass

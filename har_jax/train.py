@@ -372,8 +372,11 @@ def step_pieces(config: ml_collections.ConfigDict, model: models.ResNet, data: A
 
 
 def make_train_step(pieces: StepPieces, tx: optax.GradientTransformation,
-                    schedule: Callable[[jax.Array], jax.Array]) -> Callable:
-  """``(state, batch) -> (state, TrainMetrics)``: one update from the pieces."""
+                    schedule: Callable[[jax.Array], jax.Array],
+                    class_groups: Any) -> Callable:
+  """``(state, batch) -> (state, TrainMetrics)``: one update from the pieces;
+  ``class_groups [C]`` (``data.shot_groups``) sorts the exits by shot group."""
+  class_groups = jnp.asarray(class_groups, jnp.int32)
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(state.key, state.step)
     images = pieces.augment(batch["images"], key)
@@ -397,7 +400,8 @@ def make_train_step(pieces: StepPieces, tx: optax.GradientTransformation,
     step_metrics = metrics_lib.TrainMetrics.single_from_model_output(
         loss=loss, finite=finite.astype(jnp.float32), learning_rate=schedule(state.step),
         exit_onehot=jax.nn.one_hot(exit_index, exit_logits.shape[0]),
-        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T)
+        exit_correct=(jnp.argmax(exit_logits, -1) == labels[None]).T,
+        group_onehot=jax.nn.one_hot(class_groups[labels], len(long_tail.SHOT_GROUP_NAMES)))
     return new_state, step_metrics
   return train_step
 
@@ -459,7 +463,8 @@ def make_steps(config: ml_collections.ConfigDict, model: models.ResNet,
   """
   native = native_convolutions(config, mesh)
   pieces = step_pieces(config, model, data, steps_per_epoch)
-  step = make_train_step(pieces, tx, schedule)
+  step = make_train_step(pieces, tx, schedule, long_tail.shot_groups(
+      data.class_counts, config.shot_many, config.shot_few))
   traces = []
 
   def train_step(state: TrainState, batch: dict):
@@ -833,6 +838,12 @@ def _log_progress(writer, window, done, total_steps, steps_per_epoch, batch_size
   for name in ("exit_fraction", "exit_accuracy"):
     for index, value in enumerate(computed[name]):
       scalars[f"train/{name}_{index}"] = value
+  # experiments/training_exits.py plots these: the exits of each shot group.
+  by_group = np.reshape(computed["exit_fraction_by_group"],
+                        (len(long_tail.SHOT_GROUP_NAMES), -1))
+  for group, fractions in zip(long_tail.SHOT_GROUP_NAMES, by_group):
+    for index, value in enumerate(fractions):
+      scalars[f"train/exit_fraction_{group}_{index}"] = value
   writer.write_scalars(done, scalars)
 
 

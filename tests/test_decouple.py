@@ -278,3 +278,21 @@ def test_crt_and_tau_norm_on_mock_imagenet_lt_streamed(tmp_path):
   np.testing.assert_allclose(tau_norm["per_exit_accuracy"],
                              workdir_lib.read_json(os.path.join(run, "summary.json"))[
                                  "per_exit_accuracy"], atol=1e-6)
+
+
+def test_a_run_recorded_before_a_field_existed_reads_with_its_default(tmp_path):
+  # A run trained before the second stages existed records no logit_affine
+  # (nor trainable); it ran with their defaults, which the stage must assume.
+  recorded = config_lib.base_config().to_dict()
+  for added in ("logit_affine", "trainable"):
+    recorded.pop(added)
+  recorded["lr_decay_epochs"] = [80, 90]  # as JSON holds a tuple
+  workdir_lib.write_json(str(tmp_path / "config.json"), recorded)
+  workdir_lib.write_json(str(tmp_path / "summary.json"), {"accuracy": 0.5})
+
+  config, summary = decouple._finished_run(str(tmp_path))  # pylint: disable=protected-access
+
+  defaults = config_lib.base_config()
+  assert (config.logit_affine, config.trainable) == (defaults.logit_affine,
+                                                     defaults.trainable)
+  assert config.lr_decay_epochs == (80, 90) and summary == {"accuracy": 0.5}

@@ -75,6 +75,20 @@ def test_imagenet_models_logits_shape(factory):
   assert (logits.shape, logits.dtype) == ((5, 2, 1000), jnp.float32)
 
 
+def test_resnet50_mini_has_resnet50s_exits_at_a_fraction_of_its_cost():
+  for exits in ("CBBBBE", "CBBBEBE", "CBBEBEBE", "CBEBEBEBE", "CEBEBEBEBE"):
+    assert (models.resnet50_mini(NUM_CLASSES, exits=exits).exit_positions
+            == models.resnet50(NUM_CLASSES, exits=exits).exit_positions), exits
+  mini = models.resnet50_mini(NUM_CLASSES, exits="CEBEBEBEBE")
+  params = _abstract_variables(mini, (32, 32, 3))["params"]
+  assert {"stage4_block0", "exit3", "classifier"} <= set(params)
+  assert "stage1_block1" not in params
+  # One block a stage at 1/8 of the widths: under 2% of ResNet-50's 25.6 M,
+  # its four exit heads included.
+  assert _num_params(mini, (32, 32, 3)) < 500_000
+  assert models.exit_flops(mini, (32, 32, 3)).backbone < 1e7
+
+
 def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits():
   model_f32 = models.resnet8(NUM_CLASSES, exits="CEBEBEBE")
   model_bf16 = models.resnet8(NUM_CLASSES, exits="CEBEBEBE", dtype=jnp.bfloat16)

@@ -52,6 +52,7 @@ def _pixels(ids: np.ndarray, size, split_code: int) -> np.ndarray:
 @contextlib.contextmanager
 def mock_tfds(*, train_per_class: int = 20, test_per_class: int = 4,
               num_examples: Optional[int] = None,
+              eval_examples: Optional[int] = None,
               jpeg_size: Optional[tuple] = None) -> Iterator[None]:
   """Within the context every tfds source yields balanced mock examples.
 
@@ -60,6 +61,8 @@ def mock_tfds(*, train_per_class: int = 20, test_per_class: int = 4,
     test_per_class: examples per class of every other split.
     num_examples: when set, every split has this many examples instead (labels
       still ``i % C``), e.g. fewer than C so that each label is unique.
+    eval_examples: when set, every split but ``train`` has this many examples
+      (labels ``i % C``): a few test images of a set with thousands of classes.
     jpeg_size: ``(H, W)`` of every streaming image (ImageNet's are about
       375 x 500); None: small images of varying sizes.
   """
@@ -72,6 +75,8 @@ def mock_tfds(*, train_per_class: int = 20, test_per_class: int = 4,
     name, start, end = _parse_split(split)
     per_class = train_per_class if name == "train" else test_per_class
     total = num_examples if num_examples else per_class * source.num_classes
+    if eval_examples and name != "train":
+      total = eval_examples
     ids = np.arange(total, dtype=np.int64)[start:end]
     split_code = 0 if name == "train" else 1
     encoded = bool(decoders and "image" in decoders)

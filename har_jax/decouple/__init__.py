@@ -216,7 +216,10 @@ def _finished_run(run_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
   if "decoupling" in summary:
     raise DecoupleError(f"{run_dir} is a second stage's folder; decouple the run it "
                         f"was made from ({summary['decoupling']['run']}).")
-  return ml_collections.ConfigDict(recorded), summary
+  # A run recorded before a field existed ran with that field's default.
+  config = config_lib.base_config()
+  config.update(recorded)
+  return config, summary
 
 
 class _Stage:

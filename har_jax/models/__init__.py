@@ -22,4 +22,5 @@ from har_jax.models.resnet import resnet8
 from har_jax.models.resnet import resnet20
 from har_jax.models.resnet import resnet32
 from har_jax.models.resnet import resnet50
+from har_jax.models.resnet import resnet50_mini
 from har_jax.models.resnet import resnext50_32x4d

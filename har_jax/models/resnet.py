@@ -272,6 +272,15 @@ ResNet50 = functools.partial(ImageNetResNet, block_cls=BottleneckBlock)
 ResNeXt50_32x4d = functools.partial(
     ImageNetResNet,
     block_cls=functools.partial(BottleneckBlock, groups=32, width_per_group=4))
+# ResNet-50's layout (stem with max pool, four bottleneck stages, so the same
+# exit strings and exit positions) at a fraction of its cost: one block per
+# stage, an eighth of the widths. For smoke runs and tests of the ImageNet-layout
+# code paths, not for results.
+ResNet50Mini = functools.partial(
+    ResNet, stage_sizes=(1, 1, 1, 1), stage_widths=(8, 16, 32, 64),
+    stem_cls=functools.partial(Stem, features=8, kernel_size=7, strides=2,
+                               max_pool=True),
+    block_cls=BottleneckBlock, conv_init=_KAIMING_FAN_OUT, classifier_init=_TORCH_LINEAR)
 
 
 def _build(module_def: ModuleDef, model_name: str, num_classes: int, exits: str,
@@ -306,9 +315,14 @@ resnext50_32x4d = _factory(
     ResNeXt50_32x4d, "resnext50_32x4d", "CBBBBE",
     "torchvision ResNeXt-50 32x4d (25.0 M parameters, 4.2 G MACs at 224x224).")
 
+resnet50_mini = _factory(
+    ResNet50Mini, "resnet50_mini", "CBBBBE",
+    "ResNet-50's four bottleneck stages at one block each and 1/8 of the widths "
+    "(exit strings CBBBBE ... CEBEBEBEBE, as ResNet-50's): for smoke runs and tests.")
+
 
 _FACTORIES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet50,
-                                        resnext50_32x4d)}
+                                        resnext50_32x4d, resnet50_mini)}
 MODEL_NAMES = tuple(_FACTORIES)
 
 
