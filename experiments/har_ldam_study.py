@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 
@@ -109,8 +110,10 @@ def train_exit_fractions(workdir: str) -> dict:
   # pylint: enable=g-import-not-at-top
   events = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
   events.Reload()
+  # train/exit_fraction_<exit>; the per-shot-group ones
+  # (train/exit_fraction_<group>_<exit>) are not read here.
   tags = sorted((tag for tag in events.Tags()["tensors"]
-                 if tag.startswith("train/exit_fraction_")),
+                 if re.fullmatch(r"train/exit_fraction_\d+", tag)),
                 key=lambda tag: int(tag.rsplit("_", 1)[1]))
   fractions = {}
   for index, tag in enumerate(tags):
